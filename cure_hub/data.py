@@ -1,0 +1,253 @@
+"""Hugging Face image-classification datasets in, batches of [0, 1] float tensors out.
+
+Any dataset that ``datasets.load_dataset`` accepts works: a Hub id, a local folder (parquet files,
+an imagefolder), or one of :data:`PACKAGED_DATASETS`, which ship inside a Python package and need no
+network. The image and label columns, the class names and the splits are detected from the
+dataset's features; :class:`~cure_hub.config.DataConfig` names them where detection cannot.
+
+Augmentation (the paper's random crop with 4-pixel padding and horizontal flip) runs on whole
+batches, on their device, from an explicit generator (:func:`random_crop_flip`), so a resumed run
+draws the same crops as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "images", "jpg", "png")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "coarse_label", "target", "class", "category", "y")
+EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val", "eval")
+
+
+class DatasetUnavailableError(ConnectionError):
+    """A Hub dataset could not be reached (no network, or offline mode)."""
+
+
+class ColumnDetectionError(ValueError):
+    """The dataset has no recognisable image or label column."""
+
+
+def _load_sklearn_digits():
+    import datasets
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [Image.fromarray((img * 255.0 / 16.0).astype(np.uint8), mode="L") for img in digits.images]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    table = datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    splits = table.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+    return datasets.DatasetDict(train=splits["train"], test=splits["test"])
+
+
+#: Small real datasets that ship inside a Python package, by short name: no network needed.
+#: ``digits`` is scikit-learn's 1,797 8x8 grey-scale handwritten digits (80/20 stratified split).
+PACKAGED_DATASETS: dict[str, Callable[[], "datasets.DatasetDict"]] = {"digits": _load_sklearn_digits}
+
+
+def load_dataset_dict(name: str, config_name: str | None = None):
+    """Load every split of ``name``: a packaged short name, a local folder or a Hub id."""
+    import datasets
+
+    if name in PACKAGED_DATASETS and not Path(name).exists():
+        return PACKAGED_DATASETS[name]()
+    try:
+        loaded = datasets.load_dataset(name, config_name)
+    except ConnectionError as err:
+        raise DatasetUnavailableError(
+            f"Could not reach the dataset {name!r} on the Hugging Face Hub ({err}). Without a "
+            "network, download it on another machine (datasets.load_dataset(...).save_to_disk or the "
+            "repository's files) and pass its local folder as --dataset, or use a packaged dataset: "
+            f"{', '.join(PACKAGED_DATASETS)}."
+        ) from err
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"No dataset {name!r}: not a local folder, packaged dataset or Hub id ({err})") from err
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict(train=loaded)
+    return loaded
+
+
+def detect_columns(features, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
+    """The image and label column of a dataset with these ``features``.
+
+    The image column is the given one, else the first of :data:`IMAGE_COLUMN_CANDIDATES` that is
+    an ``Image`` feature, else any ``Image`` feature. The label column is the given one, else the
+    first ``ClassLabel`` among :data:`LABEL_COLUMN_CANDIDATES`, any ``ClassLabel``, or an integer
+    column among the candidates.
+    """
+    import datasets
+
+    columns = list(features)
+
+    def check_given(column: str | None, kind: str):
+        if column is not None and column not in features:
+            raise ColumnDetectionError(f"{kind} column {column!r} is not in the dataset; its columns are {columns}")
+        return column
+
+    def is_image(col):
+        return isinstance(features[col], datasets.Image)
+
+    def is_class_label(col):
+        return isinstance(features[col], datasets.ClassLabel)
+
+    def is_integer(col):
+        return isinstance(features[col], datasets.Value) and features[col].dtype.startswith(("int", "uint"))
+
+    image = check_given(image_column, "image") or next(
+        (c for c in [*IMAGE_COLUMN_CANDIDATES, *columns] if c in features and is_image(c)), None
+    )
+    if image is None:
+        raise ColumnDetectionError(
+            f"The dataset has no image column (an Image feature); its columns are {columns}. "
+            "Name it with --image-column."
+        )
+    candidates = [c for c in LABEL_COLUMN_CANDIDATES if c in features]
+    label = check_given(label_column, "label") or next(
+        (c for c in [*candidates, *columns] if is_class_label(c)), None
+    ) or next((c for c in candidates if is_integer(c)), None)
+    if label is None:
+        raise ColumnDetectionError(
+            f"The dataset has no label column (a ClassLabel or an integer column named like "
+            f"{LABEL_COLUMN_CANDIDATES[:3]}); its columns are {columns}. Name it with --label-column."
+        )
+    return image, label
+
+
+def choose_splits(available: list[str], train_split: str | None, eval_split: str | None) -> tuple[str, str]:
+    """The training and evaluation split names: the given ones, else ``train`` and the first of
+    :data:`EVAL_SPLIT_CANDIDATES` that exists."""
+    for given in (train_split, eval_split):
+        if given is not None and given not in available:
+            raise ValueError(f"split {given!r} is not in the dataset; its splits are {available}")
+    train = train_split or ("train" if "train" in available else None)
+    evaluation = eval_split or next((s for s in EVAL_SPLIT_CANDIDATES if s in available), None)
+    if train is None or evaluation is None:
+        raise ValueError(
+            f"Cannot tell the training and evaluation splits apart among {available}; "
+            "name them with --train-split and --eval-split."
+        )
+    return train, evaluation
+
+
+def balanced_subset_indices(labels, n: int, seed: int = 0) -> list[int]:
+    """Indices of a deterministic, class-balanced subset of ``n`` examples.
+
+    Each class gets ``n // num_classes`` examples, and the first ``n % num_classes`` classes (in
+    label order) one more, drawn without replacement by a generator seeded with ``seed``. The
+    indices are returned sorted, so the subset keeps the dataset's order.
+    """
+    labels = np.asarray(labels)
+    if n > len(labels):
+        raise ValueError(f"asked for a subset of {n} examples from a split of {len(labels)}")
+    classes = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for rank, cls in enumerate(classes):
+        wanted = n // len(classes) + (1 if rank < n % len(classes) else 0)
+        members = np.flatnonzero(labels == cls)
+        if wanted > len(members):
+            raise ValueError(f"class {cls} has {len(members)} examples, fewer than the {wanted} a balanced subset of {n} needs")
+        chosen.append(rng.permutation(members)[:wanted])
+    return sorted(np.concatenate(chosen).tolist())
+
+
+@dataclasses.dataclass
+class ImageClassificationData:
+    """The training and evaluation splits, as datasets that yield ``{"image", "label"}`` tensors."""
+
+    train: "datasets.Dataset"
+    eval: "datasets.Dataset"
+    class_names: list[str]
+    image_size: int
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_data(config: DataConfig) -> ImageClassificationData:
+    """Load, detect columns and splits, take subsets, and set the tensor transform."""
+    splits = load_dataset_dict(config.dataset, config.dataset_config)
+    train_name, eval_name = choose_splits(list(splits), config.train_split, config.eval_split)
+    train, evaluation = splits[train_name], splits[eval_name]
+    image_col, label_col = detect_columns(train.features, config.image_column, config.label_column)
+    class_names = _class_names(train, label_col)
+    if config.train_subset:
+        train = train.select(balanced_subset_indices(train[label_col], config.train_subset, config.subset_seed))
+    if config.eval_subset:
+        evaluation = evaluation.select(balanced_subset_indices(evaluation[label_col], config.eval_subset, config.subset_seed))
+    transform = _ToTensors(image_col, label_col, config.image_size)
+    image_size = config.image_size or transform(train[:1])["image"][0].shape[-1]
+    return ImageClassificationData(
+        train=train.with_transform(transform),
+        eval=evaluation.with_transform(transform),
+        class_names=class_names,
+        image_size=image_size,
+        name=config.dataset,
+    )
+
+
+def _class_names(dataset, label_column: str) -> list[str]:
+    import datasets
+
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return [str(i) for i in range(int(max(dataset[label_column])) + 1)]
+
+
+class _ToTensors:
+    """Batched transform: images to uint8 CHW RGB tensors (resized when asked), labels to ints."""
+
+    def __init__(self, image_column: str, label_column: str, image_size: int | None):
+        self.image_column, self.label_column, self.image_size = image_column, label_column, image_size
+
+    def __call__(self, batch: dict) -> dict:
+        images = []
+        for img in batch[self.image_column]:
+            img = img.convert("RGB")
+            if self.image_size and img.size != (self.image_size, self.image_size):
+                img = img.resize((self.image_size, self.image_size), resample=2)  # bilinear
+            images.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
+        return {"image": images, "label": list(batch[self.label_column])}
+
+
+def collate(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack examples into ``(images in [0, 1] as float32, labels as int64)``."""
+    shapes = {tuple(e["image"].shape) for e in examples}
+    if len(shapes) > 1:
+        raise ValueError(f"images of different sizes in one batch {sorted(shapes)[:3]}...; set --image-size to resize them")
+    images = torch.stack([e["image"] for e in examples]).float().div_(255.0)
+    labels = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
+    return images, labels
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop after zero padding by ``padding`` pixels, then a horizontal flip with
+    probability 1/2, drawn independently per image from ``generator`` (on ``images``' device)."""
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+    cols = dx[:, None] + torch.arange(w, device=device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]

@@ -1,0 +1,394 @@
+"""Model factory: any timm architecture, any transformers image classifier, the paper's CIFAR nets.
+
+Every model is returned as a :class:`RobustClassifier`: it takes images in [0, 1], shape
+(N, C, H, W), normalises them with the mean and std that belong to the architecture, and returns
+logits. Attacks therefore work in pixel space (epsilon = 8/255 is 8/255 of a pixel), and the
+normalisation is part of the model's saved description (:class:`ModelSpec`), not of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from . import architectures  # noqa: F401  (registers the CIFAR architectures with timm)
+
+logger = logging.getLogger(__name__)
+
+#: Short names users type, mapped onto timm architectures.
+MODEL_ALIASES = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "convnext": "convnext_tiny",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "wrn34_10": "cifar_wrn34_10",
+    "preactresnet18": "cifar_preactresnet18",
+}
+
+#: The fewest patches per side a ViT keeps when built for images smaller than its default.
+MIN_PATCH_GRID = 8
+
+
+class UnknownModelError(ValueError):
+    """The model name is neither a timm architecture, an alias, a transformers model nor a path."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A state dict does not fit the model; the message lists the missing and unexpected keys."""
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model: what is saved beside its weights.
+
+    Attributes:
+        library: ``"timm"`` or ``"transformers"``.
+        architecture: the timm architecture, or the transformers ``model_type``.
+        num_classes: number of output logits.
+        image_size: side of the square input images the model was built for.
+        mean: per-channel mean subtracted inside the model (inputs are in [0, 1]).
+        std: per-channel standard deviation divided inside the model.
+        model_args: constructor arguments that differ from the architecture's defaults (timm), or
+            the full transformers config as a dict.
+        label_names: class names, index-aligned with the logits.
+        source: where the starting weights came from (a Hub id or path), if anywhere.
+    """
+
+    library: str
+    architecture: str
+    num_classes: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    label_names: list[str] | None = None
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+class RobustClassifier(nn.Module):
+    """A classifier on [0, 1] images: ``logits = backbone((x - mean) / std)``.
+
+    ``backbone`` is the bare timm model or transformers ``*ForImageClassification`` model; its
+    state dict is what gets exported. ``mean`` and ``std`` are non-persistent buffers, so they
+    follow the module across devices but stay out of checkpoints (they live in :attr:`spec`).
+    """
+
+    def __init__(self, backbone: nn.Module, spec: ModelSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        normalised = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        if self.spec.library == "transformers":
+            return self.backbone(pixel_values=normalised).logits
+        return self.backbone(normalised)
+
+    def classifier_parameter_names(self) -> list[str]:
+        """Names (in this module's ``named_parameters``) of the classification head's parameters."""
+        head = _classifier_module(self.backbone, self.spec.library)
+        ids = {id(p) for p in head.parameters()}
+        return [name for name, p in self.named_parameters() if id(p) in ids]
+
+    def extra_repr(self) -> str:
+        return (
+            f"library={self.spec.library}, architecture={self.spec.architecture}, "
+            f"num_classes={self.spec.num_classes}, image_size={self.spec.image_size}"
+        )
+
+
+def _classifier_module(backbone: nn.Module, library: str) -> nn.Module:
+    if library == "timm":
+        return backbone.get_classifier()
+    for name in ("classifier", "head", "fc"):
+        if isinstance(getattr(backbone, name, None), nn.Module):
+            return getattr(backbone, name)
+    raise AttributeError(f"cannot find the classification head of {type(backbone).__name__}")
+
+
+def known_model_names() -> list[str]:
+    """timm architectures, aliases and transformers image-classification model types."""
+    return sorted(set(timm.list_models()) | set(MODEL_ALIASES) | set(_transformers_model_types()))
+
+
+def _transformers_model_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    return [t for t in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES if t != "timm_wrapper"]
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    label_names: list[str] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    **kwargs: Any,
+) -> RobustClassifier:
+    """Build a classifier on [0, 1] images.
+
+    Args:
+        name: a timm architecture (``resnet50``, ``vit_small_patch16_224``, ``cifar_resnet18``), an
+            alias (``vit_small``, see :data:`MODEL_ALIASES`), a transformers model type built from
+            scratch (``vit``; size options in ``kwargs``), a transformers ``config.json`` path, or a
+            transformers model folder or Hub id (loaded with ``AutoModelForImageClassification``).
+        num_classes: number of classes; the architecture's default when ``None``.
+        image_size: side of the input images; the architecture's default when ``None``. A ViT
+            built for images smaller than its default gets a smaller patch (see
+            :func:`choose_patch_size`) and position embeddings for that grid.
+        pretrained: load the architecture's pretrained weights (needs the Hub or its cache).
+        checkpoint: a local ``.pt``/``.pth``/``.safetensors`` state dict to load afterwards.
+        label_names: class names, stored with the model.
+        mean, std: override the normalisation that comes with the architecture.
+        **kwargs: constructor arguments for timm (``width=16``, ``drop_path_rate=0.1``) or
+            config fields for transformers (``hidden_size=192``).
+    """
+    if (path := Path(name)).exists():
+        model = _create_from_path(path, num_classes, image_size, pretrained, **kwargs)
+    elif name in MODEL_ALIASES or timm.is_model(name):
+        model = _create_timm(MODEL_ALIASES.get(name, name), num_classes, image_size, pretrained, **kwargs)
+    elif name in _transformers_model_types():
+        model = _create_transformers_from_config(_transformers_config(name, num_classes, image_size, kwargs))
+    elif "/" in name and not name.startswith((".", "/")):
+        model = _create_transformers_pretrained(name, num_classes)
+    else:
+        suggestions = difflib.get_close_matches(name, known_model_names(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
+        raise UnknownModelError(
+            f"Unknown model {name!r}: not a timm architecture, alias, transformers model type, "
+            f"local path or Hub id.{hint}"
+        )
+    if label_names is not None:
+        if len(label_names) != model.spec.num_classes:
+            raise ValueError(f"{len(label_names)} label names given for {model.spec.num_classes} classes")
+        model.spec.label_names = list(label_names)
+        if model.spec.library == "transformers":
+            model.backbone.config.id2label = dict(enumerate(label_names))
+            model.backbone.config.label2id = {label: i for i, label in enumerate(label_names)}
+    if mean is not None or std is not None:
+        model = RobustClassifier(model.backbone, dataclasses.replace(
+            model.spec, mean=tuple(mean or model.spec.mean), std=tuple(std or model.spec.std)))
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
+def choose_patch_size(image_size: int, default_patch: int) -> int:
+    """The largest patch no bigger than ``default_patch`` that tiles ``image_size`` into a grid of
+    at least :data:`MIN_PATCH_GRID` patches per side (32x32 images: patch 4, an 8x8 grid)."""
+    if image_size % default_patch == 0 and image_size // default_patch >= MIN_PATCH_GRID:
+        return default_patch
+    candidates = [p for p in range(1, default_patch + 1) if image_size % p == 0 and image_size // p >= MIN_PATCH_GRID]
+    return max(candidates) if candidates else 1
+
+
+def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs) -> RobustClassifier:
+    pretrained_cfg = timm.models.get_pretrained_cfg(arch)
+    default_size = pretrained_cfg.input_size[-1] if pretrained_cfg else 224
+    model_args = dict(kwargs)
+    if num_classes is not None:
+        model_args["num_classes"] = num_classes
+    if image_size is not None and image_size != default_size:
+        with torch.device("meta"):
+            probe = timm.create_model(arch, **model_args)
+        if hasattr(probe, "patch_embed"):
+            default_patch = probe.patch_embed.patch_size[0]
+            patch = model_args.setdefault("patch_size", choose_patch_size(image_size, default_patch))
+            model_args["img_size"] = image_size
+            logger.info(
+                "%s built for %dx%d images: patch size %d, %d tokens, position embeddings for a %dx%d grid",
+                arch, image_size, image_size, patch, (image_size // patch) ** 2, image_size // patch, image_size // patch,
+            )
+    backbone = timm.create_model(arch, pretrained=pretrained, **model_args)
+    cfg = backbone.pretrained_cfg
+    spec = ModelSpec(
+        library="timm",
+        architecture=arch,
+        num_classes=backbone.num_classes,
+        image_size=image_size or default_size,
+        mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
+        model_args={k: v for k, v in model_args.items() if k != "num_classes"},
+        source=cfg.get("hf_hub_id") if pretrained else None,
+    )
+    return RobustClassifier(backbone, spec)
+
+
+def _transformers_config(model_type: str, num_classes, image_size, fields: dict):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **fields)
+    if num_classes is not None:
+        config.num_labels = num_classes
+    if image_size is not None and hasattr(config, "image_size"):
+        if hasattr(config, "patch_size") and "patch_size" not in fields:
+            config.patch_size = choose_patch_size(image_size, config.patch_size)
+            logger.info("%s built for %dx%d images: patch size %d", model_type, image_size, image_size, config.patch_size)
+        config.image_size = image_size
+    return config
+
+
+def _create_transformers_from_config(config, source: str | None = None, mean=None, std=None) -> RobustClassifier:
+    from transformers import AutoModelForImageClassification
+
+    backbone = AutoModelForImageClassification.from_config(config)
+    return _wrap_transformers(backbone, source, mean, std)
+
+
+def _create_transformers_pretrained(name_or_path: str, num_classes: int | None) -> RobustClassifier:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    extra = {"num_labels": num_classes, "ignore_mismatched_sizes": True} if num_classes is not None else {}
+    try:
+        backbone = AutoModelForImageClassification.from_pretrained(name_or_path, **extra)
+    except OSError as err:
+        raise UnknownModelError(
+            f"Could not load {name_or_path!r} as a transformers image classifier: {err}. "
+            "If it is a Hub id, check the name and your network (or HF_HUB_OFFLINE with a cached copy)."
+        ) from err
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        mean, std = processor.image_mean, processor.image_std
+    except (OSError, ValueError, AttributeError):
+        mean = std = None
+    return _wrap_transformers(backbone, name_or_path, mean, std)
+
+
+def _default_processor_normalisation(model_type: str):
+    """Mean and std of the model type's image processor with its default settings, if any."""
+    from transformers.models.auto.image_processing_auto import (
+        IMAGE_PROCESSOR_MAPPING_NAMES,
+        get_image_processor_class_from_name,
+    )
+
+    entry = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    names = entry.values() if isinstance(entry, dict) else (entry if isinstance(entry, tuple) else [entry])
+    for class_name in filter(None, names):
+        processor_cls = get_image_processor_class_from_name(class_name)
+        if processor_cls is None:
+            continue
+        try:
+            processor = processor_cls()
+        except Exception:  # some processors need extra packages to instantiate
+            continue
+        if getattr(processor, "image_mean", None) is not None:
+            return tuple(processor.image_mean), tuple(processor.image_std)
+    return None
+
+
+def _wrap_transformers(backbone: nn.Module, source: str | None, mean=None, std=None) -> RobustClassifier:
+    config = backbone.config
+    if mean is None or std is None:
+        mean, std = _default_processor_normalisation(config.model_type) or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    image_size = getattr(config, "image_size", 224)
+    labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
+    spec = ModelSpec(
+        library="transformers",
+        architecture=config.model_type,
+        num_classes=config.num_labels,
+        image_size=image_size if isinstance(image_size, int) else image_size[-1],
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        model_args=config.to_diff_dict(),
+        label_names=labels,
+        source=source,
+    )
+    return RobustClassifier(backbone, spec)
+
+
+def _create_from_path(path: Path, num_classes, image_size, pretrained: bool, **kwargs) -> RobustClassifier:
+    config_file = path / "config.json" if path.is_dir() else path
+    if config_file.suffix != ".json" or not config_file.is_file():
+        raise UnknownModelError(
+            f"{str(path)!r} is neither a model folder with a config.json nor a config.json file "
+            "(to load a state dict, pass an architecture name and checkpoint=...)"
+        )
+    config = json.loads(config_file.read_text())
+    if "architecture" in config:  # timm's Hub layout
+        return _create_timm(f"local-dir:{config_file.parent}", num_classes, image_size, pretrained=True)
+    if "model_type" not in config:
+        raise UnknownModelError(f"{config_file} has neither timm's 'architecture' nor transformers' 'model_type'")
+    if path.is_dir() and any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+        return _create_transformers_pretrained(str(path), num_classes)
+    return _create_transformers_from_config(
+        _transformers_config(config.pop("model_type"), num_classes, image_size, {**config, **kwargs})
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading weights
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.pt``/``.pth``/``.bin``/``.safetensors`` state dict, unwrapping the usual nesting
+    (``state_dict``, ``model``) and prefixes (``module.`` from DDP, ``_orig_mod.`` from compile)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"unsupported checkpoint format {path.suffix!r} for {str(path)!r}: use .pt, .pth or .safetensors")
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: RobustClassifier, path: str | os.PathLike) -> None:
+    """Load a state dict into ``model.backbone`` (keys of the bare model, or of the wrapper)."""
+    state = read_state_dict(path)
+    if state and all(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items()}
+    try:
+        result = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ
+        raise CheckpointMismatchError(f"checkpoint {str(path)!r} does not fit {model.spec.architecture}: {err}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointMismatchError(
+            f"checkpoint {str(path)!r} does not fit {model.spec.architecture}:\n"
+            f"  missing keys ({len(result.missing_keys)}): {result.missing_keys[:20]}\n"
+            f"  unexpected keys ({len(result.unexpected_keys)}): {result.unexpected_keys[:20]}"
+        )

@@ -1,0 +1,140 @@
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cure_hub.config import DataConfig
+from cure_hub.data import (
+    ColumnDetectionError,
+    balanced_subset_indices,
+    choose_splits,
+    collate,
+    detect_columns,
+    load_data,
+    random_crop_flip,
+)
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _synthetic(tmp_path, n=40, label_feature=None, image_column="picture", label_column="target", size=8):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    labels = [i % 4 for i in range(n)]
+    features = datasets.Features({
+        image_column: datasets.Image(),
+        label_column: label_feature or datasets.ClassLabel(names=["w", "x", "y", "z"]),
+        "caption": datasets.Value("string"),
+    })
+    table = datasets.Dataset.from_dict({image_column: images, label_column: labels, "caption": ["c"] * n}, features=features)
+    folder = tmp_path / "synthetic"
+    datasets.DatasetDict(train=table, validation=table.select(range(8))).save_to_disk(folder)
+    return table, folder
+
+
+def test_cifar10_columns_classes_and_tensors(cifar10_dir):
+    data = load_data(DataConfig(dataset=cifar10_dir, train_subset=20, eval_subset=10))
+    assert detect_columns(data.train.features) == ("img", "label")
+    assert data.class_names == CIFAR10_NAMES and data.image_size == 32
+    images, labels = collate([data.train[i] for i in range(5)])
+    assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.5
+    assert labels.dtype == torch.long
+    assert sorted(Counter(data.eval[i]["label"] for i in range(10)).values()) == [1] * 10
+
+
+def test_other_column_names_are_detected(tmp_path):
+    table, _ = _synthetic(tmp_path)
+    assert detect_columns(table.features) == ("picture", "target")
+
+
+def test_integer_labels_without_classlabel(tmp_path):
+    table, folder = _synthetic(tmp_path, label_feature=datasets.Value("int64"), label_column="labels")
+    assert detect_columns(table.features) == ("picture", "labels")
+
+
+def test_missing_columns_name_the_columns(tmp_path):
+    table, _ = _synthetic(tmp_path, label_feature=datasets.Value("string"), label_column="name")
+    with pytest.raises(ColumnDetectionError, match=r"no label column.*\['picture', 'name', 'caption'\].*--label-column"):
+        detect_columns(table.features)
+    text_only = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["a"])})
+    with pytest.raises(ColumnDetectionError, match=r"no image column.*--image-column"):
+        detect_columns(text_only)
+    with pytest.raises(ColumnDetectionError, match="image column 'pixels' is not in the dataset"):
+        detect_columns(table.features, image_column="pixels")
+
+
+def test_local_folder_with_validation_split_and_resize(tmp_path):
+    _, folder = _synthetic(tmp_path)
+    data = load_data(DataConfig(dataset=str(folder), image_size=16))
+    assert data.class_names == ["w", "x", "y", "z"] and len(data.eval) == 8 and data.image_size == 16
+    assert data.train[0]["image"].shape == (3, 16, 16)
+
+
+def test_split_selection_errors():
+    assert choose_splits(["train", "validation"], None, None) == ("train", "validation")
+    with pytest.raises(ValueError, match="split 'dev' is not in the dataset"):
+        choose_splits(["train", "test"], None, "dev")
+    with pytest.raises(ValueError, match="--train-split and --eval-split"):
+        choose_splits(["a", "b"], None, None)
+
+
+def test_balanced_subset_is_balanced_and_deterministic():
+    labels = np.repeat(np.arange(10), 50)[np.random.default_rng(1).permutation(500)]
+    first = balanced_subset_indices(labels, 43, seed=0)
+    assert first == balanced_subset_indices(labels, 43, seed=0)
+    assert first != balanced_subset_indices(labels, 43, seed=1)
+    assert len(set(first)) == 43 and first == sorted(first)
+    counts = Counter(labels[first].tolist())
+    assert [counts[c] for c in range(10)] == [5, 5, 5] + [4] * 7
+    scarce = np.array([0] * 10 + [1] * 3)
+    with pytest.raises(ValueError, match="class 1 has 3 examples, fewer than the 4"):
+        balanced_subset_indices(scarce, 8, seed=0)
+    with pytest.raises(ValueError, match="subset of 600 examples from a split of 500"):
+        balanced_subset_indices(labels, 600)
+
+
+def test_packaged_digits_are_grey_converted_to_rgb():
+    data = load_data(DataConfig(dataset="digits"))
+    assert data.num_classes == 10 and data.image_size == 8 and len(data.train) + len(data.eval) == 1797
+    image = data.train[0]["image"]
+    assert image.shape == (3, 8, 8) and torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_unreachable_hub_dataset_says_how_to_use_a_local_copy():
+    code = (
+        "from cure_hub.data import load_dataset_dict, DatasetUnavailableError\n"
+        "try:\n    load_dataset_dict('uoft-cs/cifar10')\n"
+        "except DatasetUnavailableError as e:\n    print('OK', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("OK"), out.stderr
+    assert "pass its local folder as --dataset" in out.stdout and "digits" in out.stdout
+
+
+def test_collate_refuses_mixed_sizes():
+    with pytest.raises(ValueError, match="--image-size"):
+        collate([{"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "label": 0},
+                 {"image": torch.zeros(3, 9, 9, dtype=torch.uint8), "label": 1}])
+
+
+def test_random_crop_flip_is_a_padded_crop_or_its_mirror_and_reproducible():
+    images = torch.rand(16, 3, 8, 8)
+    out = random_crop_flip(images, torch.Generator().manual_seed(3), padding=2)
+    assert torch.equal(out, random_crop_flip(images, torch.Generator().manual_seed(3), padding=2))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    flips = 0
+    for i in range(16):
+        windows = [padded[i, :, y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
+        plain = any(torch.equal(out[i], w) for w in windows)
+        mirrored = any(torch.equal(out[i], w.flip(-1)) for w in windows)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 0 < flips < 16

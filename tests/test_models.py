@@ -1,0 +1,194 @@
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cure_hub
+from cure_hub.models import CheckpointMismatchError, UnknownModelError, choose_patch_size
+
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+
+
+def _tiny_transformers_folder(tmp_path):
+    from transformers import AutoModelForImageClassification, ViTConfig, ViTImageProcessor
+
+    config = ViTConfig(image_size=32, patch_size=4, num_labels=10, **TINY_VIT)
+    AutoModelForImageClassification.from_config(config).save_pretrained(tmp_path / "hf")
+    ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path / "hf")
+    return str(tmp_path / "hf")
+
+
+MODEL_CASES = {
+    "timm-resnet18": lambda tmp: cure_hub.create_model("resnet18", num_classes=10, image_size=32),
+    "timm-vit_small": lambda tmp: cure_hub.create_model("vit_small", num_classes=10, image_size=32),
+    "cifar_resnet18": lambda tmp: cure_hub.create_model("cifar_resnet18", num_classes=10, width=8),
+    "cifar_preactresnet18": lambda tmp: cure_hub.create_model("cifar_preactresnet18", num_classes=10, width=8),
+    "cifar_wrn": lambda tmp: cure_hub.create_model("cifar_wrn34_10", num_classes=10, depth=10, widen_factor=1),
+    "hf-vit-type": lambda tmp: cure_hub.create_model("vit", num_classes=10, image_size=32, **TINY_VIT),
+    "hf-folder": lambda tmp: cure_hub.create_model(_tiny_transformers_folder(tmp)),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_logits_shape_gradients_and_single_normalisation(case, tmp_path):
+    torch.manual_seed(0)
+    model = MODEL_CASES[case](tmp_path).eval()
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (3, 10)
+    logits.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    mean = torch.tensor(model.spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.spec.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        normalised = (x - mean) / std
+        raw = model.backbone(pixel_values=normalised) if model.spec.library == "transformers" else model.backbone(normalised)
+        raw = getattr(raw, "logits", raw)
+        torch.testing.assert_close(model(x), raw)
+        if model.spec.mean != (0.0, 0.0, 0.0) or model.spec.std != (1.0, 1.0, 1.0):
+            unnormalised = model.backbone(pixel_values=x) if model.spec.library == "transformers" else model.backbone(x)
+            assert not torch.allclose(model(x), getattr(unnormalised, "logits", unnormalised))
+
+
+def test_normalisation_comes_from_architecture_or_processor(tmp_path):
+    assert cure_hub.create_model("cifar_resnet18", width=8).spec.mean == (0.0, 0.0, 0.0)
+    assert cure_hub.create_model("resnet18", num_classes=10).spec.mean == timm.data.IMAGENET_DEFAULT_MEAN
+    folder = cure_hub.create_model(_tiny_transformers_folder(tmp_path))
+    assert folder.spec.mean == (0.1, 0.2, 0.3) and folder.spec.std == (0.4, 0.5, 0.6)
+
+
+def test_default_resolution_vit_224():
+    model = cure_hub.create_model("vit_tiny", num_classes=5).eval()
+    assert model.spec.image_size == 224 and "patch_size" not in model.spec.model_args
+    assert model(torch.rand(1, 3, 224, 224)).shape == (1, 5)
+
+
+def test_vit_on_small_images_uses_patch_4_and_an_8x8_grid():
+    model = cure_hub.create_model("vit_small", num_classes=10, image_size=32)
+    assert model.spec.model_args == {"patch_size": 4, "img_size": 32}
+    assert model.backbone.patch_embed.grid_size == (8, 8)
+    assert model.backbone.pos_embed.shape[1] == 64 + 1  # 64 patch tokens and the class token
+    assert [choose_patch_size(s, 16) for s in (32, 64, 96, 224, 8)] == [4, 8, 12, 16, 1]
+
+
+def test_transformers_config_json_path(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig(image_size=32, patch_size=8, num_labels=4, **TINY_VIT).to_json_file(tmp_path / "config.json")
+    model = cure_hub.create_model(str(tmp_path / "config.json"))
+    assert model.spec.library == "transformers" and model.spec.num_classes == 4
+    assert model.backbone.config.patch_size == 8
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_cifar_architectures_are_in_timms_registry():
+    for name in ("cifar_resnet18", "cifar_preactresnet18", "cifar_wrn34_10"):
+        assert timm.is_model(name)
+    model = timm.create_model("cifar_resnet18", num_classes=100, width=8)
+    assert model.linear.out_features == 100 and model.conv1.out_channels == 8
+    assert model.pretrained_cfg["mean"] == (0.0, 0.0, 0.0)
+
+
+class _ReferenceBlock(nn.Module):
+    """The BasicBlock of the CIFAR code shared by TRADES, CURE and AutoAttack (kuangliu layout)."""
+
+    def __init__(self, inp, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inp != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(inp, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class _ReferenceResNet18(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        inp, layers = 64, []
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(_ReferenceBlock(inp, planes, stride), _ReferenceBlock(planes, planes, 1)))
+            inp = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(512, 10)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.avg_pool2d(out, 4).view(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_common_cifar_resnet18_checkpoint_loads_unchanged(tmp_path, suffix):
+    torch.manual_seed(0)
+    reference = _ReferenceResNet18()
+    with torch.no_grad():  # non-trivial batch-norm statistics, so a mis-mapped buffer would show
+        for module in reference.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    reference.eval()
+    path = tmp_path / f"ckpt{suffix}"
+    if suffix == ".pt":  # as DDP training scripts save it: nested, with the `module.` prefix
+        torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}, "epoch": 3}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(reference.state_dict(), str(path))
+    model = cure_hub.create_model("cifar_resnet18", num_classes=10, checkpoint=path).eval()
+    assert set(model.backbone.state_dict()) == set(reference.state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x))
+
+
+def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path):
+    state = cure_hub.create_model("cifar_resnet18", width=8).backbone.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["linear.bias"]
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): \['linear.bias'\][\s\S]*unexpected keys \(1\): \['extra.weight'\]"):
+        cure_hub.create_model("cifar_resnet18", width=8, checkpoint=tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatchError, match="size mismatch"):
+        cure_hub.create_model("cifar_resnet18", width=16, checkpoint=tmp_path / "bad.pth")
+
+
+def test_bad_checkpoint_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        cure_hub.create_model("cifar_resnet18", width=8, checkpoint=tmp_path / "nowhere.pt")
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="unsupported checkpoint format '.npz'"):
+        cure_hub.create_model("cifar_resnet18", width=8, checkpoint=tmp_path / "weights.npz")
+
+
+def test_unknown_model_suggests_close_names(tmp_path):
+    with pytest.raises(UnknownModelError, match=r"'vit_smal'.*Did you mean: vit_small"):
+        cure_hub.create_model("vit_smal")
+    with pytest.raises(UnknownModelError, match="cifar_resnet18"):
+        cure_hub.create_model("cifar_resnet19")
+    (tmp_path / "config.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(UnknownModelError, match="neither timm's 'architecture' nor transformers' 'model_type'"):
+        cure_hub.create_model(str(tmp_path))
+
+
+def test_label_names_are_stored_and_checked():
+    model = cure_hub.create_model("vit", num_classes=2, image_size=32, label_names=["cat", "dog"], **TINY_VIT)
+    assert model.spec.label_names == ["cat", "dog"] and model.backbone.config.id2label == {0: "cat", 1: "dog"}
+    with pytest.raises(ValueError, match="3 label names given for 2 classes"):
+        cure_hub.create_model("cifar_resnet18", num_classes=2, width=8, label_names=["a", "b", "c"])
+
+
+def test_classifier_head_names():
+    assert cure_hub.create_model("cifar_resnet18", width=8).classifier_parameter_names() == [
+        "backbone.linear.weight", "backbone.linear.bias"]
+    assert cure_hub.create_model("vit_tiny", num_classes=10, image_size=32).classifier_parameter_names() == [
+        "backbone.head.weight", "backbone.head.bias"]
