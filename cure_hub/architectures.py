@@ -58,9 +58,11 @@ class PreActBlock(nn.Module):
 
 class _ResNetBase(nn.Module):
     """Shared stem and stages of the two CIFAR ResNet-18 variants; ``width`` is the first stage's
-    channel count (64 in the paper)."""
+    channel count (64 in the paper). Modules are created in the reference code's order, so that
+    parameters are listed in the same order too."""
 
     block: type[nn.Module]
+    pre_activation: bool
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 64, num_blocks=(2, 2, 2, 2)):
         super().__init__()
@@ -68,10 +70,14 @@ class _ResNetBase(nn.Module):
         self.width = width
         self.in_planes = width
         self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+        if not self.pre_activation:
+            self.bn1 = nn.BatchNorm2d(width)
         self.layer1 = self._make_layer(width, num_blocks[0], 1)
         self.layer2 = self._make_layer(2 * width, num_blocks[1], 2)
         self.layer3 = self._make_layer(4 * width, num_blocks[2], 2)
         self.layer4 = self._make_layer(8 * width, num_blocks[3], 2)
+        if self.pre_activation:
+            self.bn = nn.BatchNorm2d(8 * width)
         self.num_features = 8 * width
         self.linear = nn.Linear(8 * width, num_classes)
 
@@ -98,10 +104,7 @@ class _ResNetBase(nn.Module):
 
 class CifarResNet(_ResNetBase):
     block = BasicBlock
-
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 64, **kwargs):
-        super().__init__(num_classes, in_chans, width, **kwargs)
-        self.bn1 = nn.BatchNorm2d(width)
+    pre_activation = False
 
     def forward_features(self, x):
         return self._stages(F.relu(self.bn1(self.conv1(x))))
@@ -111,10 +114,7 @@ class CifarPreActResNet(_ResNetBase):
     """PreAct ResNet-18 as in the AutoAttack / RobustBench code (final ``bn`` before pooling)."""
 
     block = PreActBlock
-
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 64, **kwargs):
-        super().__init__(num_classes, in_chans, width, **kwargs)
-        self.bn = nn.BatchNorm2d(8 * width)
+    pre_activation = True
 
     def forward_features(self, x):
         return F.relu(self.bn(self._stages(self.conv1(x))))

@@ -1,0 +1,76 @@
+"""The interface every training method implements, and the attack helper they share."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..attacks import AttackLoss, pgd_attack
+from ..config import AttackConfig, MethodConfig
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What a method's :meth:`Method.compute_loss` returns.
+
+    ``metrics`` hold detached scalar tensors on the model's device, so that logging them costs a
+    host synchronisation only when the trainer actually logs.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(1) == labels).float().mean().detach()
+
+
+class Method:
+    """A training method. The trainer calls, for each optimiser step:
+
+    1. :meth:`compute_loss` on every micro-batch, then ``backward`` of the returned loss through
+       the (possibly distributed) model;
+    2. :meth:`before_optimizer_step`, where a method may change the accumulated gradients;
+    3. the optimiser step, then :meth:`after_optimizer_step`, where a method may update its state.
+
+    ``model`` is the module the trainer differentiates (it may be wrapped for data parallelism);
+    attacks and auxiliary forward passes run on :func:`unwrap` of it, outside the wrapper.
+    """
+
+    name: ClassVar[str]
+    #: The attack's random start when the attack config leaves it unset.
+    default_random_start: ClassVar[str] = "normal"
+
+    def __init__(self, config: MethodConfig, attack: AttackConfig):
+        self.config = config
+        self.attack = attack if attack.random_start else dataclasses.replace(attack, random_start=self.default_random_start)
+
+    def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
+        """Called once before training with the (unwrapped) model and the number of optimiser steps."""
+
+    def compute_loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def before_optimizer_step(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Act on the accumulated (and, in data-parallel training, averaged) gradients."""
+        return {}
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Update method state after optimiser step ``step`` (counted from 0)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def adversarial_examples(self, model: nn.Module, images, labels, loss: AttackLoss) -> torch.Tensor:
+        return pgd_attack(unwrap(model), images, labels, self.attack, loss=loss)

@@ -1,0 +1,229 @@
+"""CURE: Conserve-Update-Revise (Gowda, Zonooz & Arani, ICLR 2024).
+
+One optimiser step (Algorithm 1; equation numbers are the paper's, see docs/cure.md):
+
+* Eq. 4  ``compute_loss``: x_adv by PGD on KL(p(x) || p(x + delta)), model in eval mode.
+* Eq. 5  ``compute_loss``: L_adv = CE(f(x), y) + beta * KL(p(x) || p(x_adv)).
+* Eq. 8  ``consistency_loss``: L_CR against the revision model; L = L_adv + gamma * L_CR.
+* Eq. 6  ``compute_loss`` takes the gradients of CE(f(x), y) and CE(f(x_adv), y) with
+  ``torch.autograd.grad`` (each through its own branch of the graph, outside any data-parallel
+  reducer); ``before_optimizer_step`` averages them across processes in one all-reduce and forms
+  RGP = alpha |g_nat| + (1 - alpha) |g_adv|.
+* Mask   ``before_optimizer_step``: per tensor, :func:`prominence_mask` zeroes the gradient of L
+  where RGP is below the tensor's p-th percentile (the weights "conserved" this step).
+* Eq. 7  ``after_optimizer_step``: with probability r_t, theta_rev <- d theta_rev + (1 - d) theta.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks import module_mode
+from ..losses import kl_divergence
+from .base import Method, StepOutput, accuracy, unwrap
+
+
+def prominence_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
+    """Boolean mask of the entries of ``score`` that are updated (True) or conserved (False).
+
+    Exactly ``floor(percent * n / 100)`` entries are conserved: those with the lowest scores, ties
+    at the threshold broken by position (the entry that comes first in row-major order is
+    conserved first), which matches a stable sort. Runs on ``score``'s device with ``kthvalue``
+    and a cumulative sum: no host copy, no synchronisation, no size limit (unlike
+    ``torch.quantile``, which stops at 16 million elements).
+    """
+    flat = score.detach().reshape(-1)
+    conserved = math.floor(percent * flat.numel() / 100)
+    if conserved == 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    threshold = flat.kthvalue(conserved).values
+    below = flat < threshold
+    at_threshold = flat == threshold
+    still_needed = conserved - below.sum(dtype=torch.int64)
+    rank_among_ties = at_threshold.to(torch.int32).cumsum(0, dtype=torch.int64 if flat.numel() >= 2**31 else torch.int32)
+    conserve = below | (at_threshold & (rank_among_ties <= still_needed))
+    return (~conserve).view_as(score)
+
+
+def revision_rate_at(step: int, total_steps: int, rate: float, floor: float, schedule: str) -> float:
+    """The revision rate r_t: constant, or decayed linearly or by a half cosine from ``rate`` at
+    step 0 to ``floor`` at the last step."""
+    if schedule == "constant" or total_steps <= 1:
+        return rate
+    progress = min(step / (total_steps - 1), 1.0)
+    if schedule == "linear":
+        return floor + (rate - floor) * (1 - progress)
+    return floor + (rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def masked_parameter_names(model: nn.Module, scope: str, include=None, exclude=()) -> list[str]:
+    """Names of the parameters CURE masks. Patterns match names with or without ``backbone.``."""
+
+    def matches(name, patterns):
+        bare = name.removeprefix("backbone.")
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(bare, p) for p in patterns)
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if include is not None:
+        chosen = [n for n in names if matches(n, include)]
+    elif scope == "all":
+        chosen = names
+    elif scope == "official":  # the official code: the first convolution of each block, never the stem
+        chosen = [n for n in names[1:] if "conv1" in n]
+    else:
+        head = set(model.classifier_parameter_names()) if hasattr(model, "classifier_parameter_names") else set()
+        chosen = [n for n in names if n not in head]
+    return [n for n in chosen if not matches(n, exclude)]
+
+
+class CURE(Method):
+    name = "cure"
+
+    def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
+        config = self.config
+        model = unwrap(model)
+        named = dict(model.named_parameters())
+        self.masked_names = (
+            masked_parameter_names(model, config.mask_scope, config.mask_include, config.mask_exclude)
+            if config.use_rgp else []
+        )
+        if config.use_rgp and not self.masked_names:
+            raise ValueError("no parameter matches the CURE mask scope; check mask_include / mask_exclude")
+        self.masked_params = [named[n] for n in self.masked_names]
+        self.total_steps = total_steps
+        self._rgp_grads: list[torch.Tensor] | None = None
+        self.last_mask_statistics: dict[str, torch.Tensor] = {}
+        self.revision_model = None
+        if config.use_revision:
+            self.revision_model = copy.deepcopy(model).requires_grad_(False)
+            # A CPU generator seeded alike on every process: every rank makes the same revision draws.
+            self.revision_generator = torch.Generator().manual_seed(seed)
+
+    # ---- Eq. 8 -------------------------------------------------------------------------------
+    def consistency_loss(self, images, adversarial, logits, adv_logits) -> torch.Tensor:
+        """L_CR = KL(p_rev(x) || p(x)) + KL(p_rev(x_adv) || p(x_adv)), revision outputs as fixed targets."""
+        revision = self.revision_model
+        with torch.no_grad():
+            if self.config.revision_mode == "train":  # batch statistics: each batch on its own
+                with module_mode(revision, training=True):
+                    rev_logits, rev_adv_logits = revision(images), revision(adversarial)
+            else:  # eval mode: examples do not interact, so one forward pass serves both batches
+                with module_mode(revision, training=False):
+                    rev_logits, rev_adv_logits = revision(torch.cat([images, adversarial])).chunk(2)
+        return kl_divergence(rev_logits, logits) + kl_divergence(rev_adv_logits, adv_logits)
+
+    # ---- Eqs. 4, 5, 6 and the objective -----------------------------------------------------
+    def compute_loss(self, model, images, labels) -> StepOutput:
+        config = self.config
+        adversarial = self.adversarial_examples(model, images, labels, loss="kl")  # Eq. 4
+        logits, adv_logits = model(images), model(adversarial)
+        natural_ce = F.cross_entropy(logits.float(), labels)
+        robust_kl = kl_divergence(logits, adv_logits)
+        loss = natural_ce + config.beta * robust_kl  # Eq. 5
+        metrics = {"clean_acc": accuracy(logits, labels), "adv_acc": accuracy(adv_logits, labels), "kl": robust_kl.detach()}
+        if self.revision_model is not None and config.gamma > 0:
+            consistency = self.consistency_loss(images, adversarial, logits, adv_logits)
+            loss = loss + config.gamma * consistency
+            metrics["consistency"] = consistency.detach()
+        metrics["loss"] = loss.detach()
+        if self.masked_params:
+            if config.rgp_adversarial_loss == "ce":
+                adversarial_term = F.cross_entropy(adv_logits.float(), labels)
+            else:  # official code: the TRADES KL term, through both branches
+                adversarial_term = robust_kl
+            grads = [
+                *_grads(natural_ce, self.masked_params),
+                *_grads(adversarial_term, self.masked_params),
+            ]
+            self._rgp_grads = grads if self._rgp_grads is None else [a.add_(b) for a, b in zip(self._rgp_grads, grads)]
+        return StepOutput(loss, metrics)
+
+    # ---- Eq. 6 and the mask (Algorithm 1, the update) ---------------------------------------
+    def before_optimizer_step(self, model) -> dict[str, torch.Tensor]:
+        if not self.masked_params:
+            return {}
+        if self._rgp_grads is None:
+            raise RuntimeError("before_optimizer_step called before compute_loss")
+        grads = _all_reduce_sum(self._rgp_grads)
+        self._rgp_grads = None
+        count = len(self.masked_params)
+        alpha = self.config.alpha
+        updated_share, grad_magnitude = [], []
+        for param, g_nat, g_adv in zip(self.masked_params, grads[:count], grads[count:]):
+            if param.grad is None:
+                continue
+            if not self.config.rgp_signed:  # the buffers are ours: work in place
+                g_nat, g_adv = g_nat.abs_(), g_adv.abs_()
+            score = g_nat.mul_(alpha).add_(g_adv, alpha=1 - alpha)
+            grad_magnitude.append(param.grad.norm(1) / param.numel())
+            param.grad.mul_(prominence_mask(score, self.config.percentile))
+            updated_share.append(torch.count_nonzero(param.grad) / param.numel())
+        self.last_mask_statistics = {"updated_share": torch.stack(updated_share), "grad_magnitude": torch.stack(grad_magnitude)}
+        return {"updated_share": self.last_mask_statistics["updated_share"].mean()}
+
+    def mask_statistics(self) -> dict[str, dict[str, float]]:
+        """Per masked tensor, the share of entries with a non-zero masked gradient and the mean
+        gradient magnitude before masking, at the last step (the paper's Figure 6). Costs one host synchronisation; call when logging."""
+        stats = {k: v.tolist() for k, v in self.last_mask_statistics.items()}
+        return {
+            name: {"updated_share": share, "grad_magnitude": magnitude}
+            for name, share, magnitude in zip(self.masked_names, stats.get("updated_share", []), stats.get("grad_magnitude", []))
+        }
+
+    # ---- Eq. 7 --------------------------------------------------------------------------------
+    def current_revision_rate(self, step: int) -> float:
+        c = self.config
+        return revision_rate_at(step, self.total_steps, c.revision_rate, c.revision_rate_min, c.revision_rate_schedule)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model, step: int) -> None:
+        if self.revision_model is None:
+            return
+        draw = torch.rand((), generator=self.revision_generator).item()
+        if draw >= self.current_revision_rate(step):
+            return
+        decay = self.config.revision_decay
+        if self.config.revision_warmup:
+            decay = min(1 - 1 / (step + 1), decay)
+        model = unwrap(model)
+        revision_params = list(self.revision_model.parameters())
+        torch._foreach_lerp_(revision_params, [p.detach() for p in model.parameters()], 1 - decay)
+        if self.config.revision_buffers == "average":
+            for rev_buffer, buffer in zip(self.revision_model.buffers(), model.buffers()):
+                if rev_buffer.is_floating_point():
+                    rev_buffer.lerp_(buffer, 1 - decay)
+                else:  # counters such as num_batches_tracked
+                    rev_buffer.copy_(buffer)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.revision_model is None:
+            return {}
+        return {"revision_model": self.revision_model.state_dict(), "revision_generator": self.revision_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.revision_model is not None:
+            self.revision_model.load_state_dict(state["revision_model"])
+            self.revision_generator.set_state(state["revision_generator"])
+
+
+def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum across processes in one flattened all-reduce (identity in a single process). A sum is
+    as good as a mean here: a percentile mask does not change when a tensor is scaled."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]

@@ -1,0 +1,54 @@
+"""Small tasks and models shared by the tests."""
+
+import torch
+
+import cure_hub
+from cure_hub.attacks import pgd_attack
+from cure_hub.config import AttackConfig
+
+
+def robust_vs_fragile_task(n: int, size: int = 16, seed: int = 0):
+    """Two classes carried by two features: a faint checkerboard (amplitude 3/255, perfectly
+    predictive, inside the 8/255 ball, so fragile) and the image's brightness (+-32/255 on top of
+    noise, predictive only in part, but robust). Natural training leans on the faint feature;
+    robust training must use brightness."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    sign = labels.float() * 2 - 1
+    checker = ((torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2).float() * 2 - 1
+    brightness = 0.5 + sign.view(-1, 1, 1, 1) * (32 / 255) + 0.1 * torch.randn(n, 1, 1, 1, generator=g)
+    pixels = brightness + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    images = pixels + sign.view(-1, 1, 1, 1) * (3 / 255) * checker
+    return images.clamp(0, 1), labels
+
+
+def tiny_model(num_classes: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    return cure_hub.create_model("cifar_resnet18", num_classes=num_classes, width=4)
+
+
+def accuracy(model, images, labels) -> float:
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        acc = (model(images).argmax(1) == labels).float().mean().item()
+        model.train(was_training)
+    return acc
+
+
+def pgd_accuracy(model, images, labels, steps: int = 10) -> float:
+    config = AttackConfig(steps=steps, random_start="uniform")
+    return accuracy(model, pgd_attack(model, images, labels, config), labels)
+
+
+def train_naturally(model, images, labels, steps: int = 60, lr: float = 0.05, batch: int = 64):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(labels), (batch,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model

@@ -1,0 +1,95 @@
+import itertools
+
+import pytest
+import torch
+
+from cure_hub.attacks import pgd_attack
+from cure_hub.config import AttackConfig
+from cure_hub.losses import cw_margin, kl_divergence
+from helpers import accuracy, robust_vs_fragile_task, tiny_model, train_naturally
+
+
+@pytest.fixture(scope="module")
+def trained():
+    images, labels = robust_vs_fragile_task(512)
+    model = train_naturally(tiny_model(), images, labels, steps=200)
+    test_images, test_labels = robust_vs_fragile_task(128, seed=1)
+    return model.eval(), test_images, test_labels
+
+
+@pytest.mark.parametrize(
+    "loss,norm,start", list(itertools.product(("ce", "kl", "cw"), ("linf", "l2"), ("normal", "uniform", "none")))
+)
+def test_result_stays_in_the_ball_and_the_image_range(trained, loss, norm, start):
+    model, images, labels = trained
+    epsilon = 8 / 255 if norm == "linf" else 0.5
+    config = AttackConfig(epsilon=epsilon, step_size=epsilon / 4, steps=3, norm=norm, random_start=start)
+    adversarial = pgd_attack(model, images, labels, config, loss=loss)
+    delta = (adversarial - images).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert size.max() <= epsilon * (1 + 1e-5)
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert size.max() > 0.5 * epsilon  # it did move
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl", "cw"])
+def test_attack_raises_its_own_loss_and_lowers_accuracy(trained, loss):
+    model, images, labels = trained
+    adversarial = pgd_attack(model, images, labels, AttackConfig(steps=10, random_start="normal"), loss=loss)
+    with torch.no_grad():
+        clean_logits, adv_logits = model(images), model(adversarial)
+    objective = {
+        "ce": lambda z: torch.nn.functional.cross_entropy(z, labels),
+        "kl": lambda z: kl_divergence(clean_logits, z),
+        "cw": lambda z: cw_margin(z, labels).mean(),
+    }[loss]
+    assert objective(adv_logits) > objective(clean_logits) + 0.1
+    assert accuracy(model, adversarial, labels) < accuracy(model, images, labels) - 0.3
+
+
+def test_mode_restored_no_parameter_gradients_no_graph(trained):
+    model, images, labels = trained
+    model.zero_grad(set_to_none=True)
+    model.train()
+    seen_modes = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen_modes.append(module.training))
+    try:
+        adversarial = pgd_attack(model, images[:8], labels[:8], AttackConfig(steps=2), loss="kl")
+        assert model.training
+    finally:
+        hook.remove()
+        model.eval()
+    assert seen_modes and not any(seen_modes)
+    assert all(p.grad is None for p in model.parameters())
+    assert not adversarial.requires_grad and adversarial.grad_fn is None
+
+
+def test_random_start_is_reproducible_with_a_generator(trained):
+    model, images, labels = trained
+    config = AttackConfig(steps=1, random_start="uniform")
+    first = pgd_attack(model, images, labels, config, generator=torch.Generator().manual_seed(5))
+    second = pgd_attack(model, images, labels, config, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_kl_attack_is_as_strong_as_float32(trained, dtype):
+    """The TRADES/CURE attack starts where the KL is ~0; its gradient must survive low precision."""
+    model, images, labels = trained
+    config = AttackConfig(steps=10, random_start="normal")
+    torch.manual_seed(0)
+    full = pgd_attack(model, images, labels, config, loss="kl")
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = pgd_attack(model, images, labels, config, loss="kl")
+    with torch.no_grad():
+        clean = model(images)
+        kl_full, kl_mixed = kl_divergence(clean, model(full)), kl_divergence(clean, model(mixed))
+    assert kl_mixed >= 0.8 * kl_full
+    assert accuracy(model, mixed, labels) <= accuracy(model, full, labels) + 0.05
+
+
+def test_labels_required_for_ce_and_cw(trained):
+    model, images, _ = trained
+    with pytest.raises(ValueError, match="needs labels"):
+        pgd_attack(model, images, None, AttackConfig(), loss="cw")

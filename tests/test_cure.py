@@ -1,0 +1,205 @@
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cure_hub
+from cure_hub.config import AttackConfig, MethodConfig
+from cure_hub.methods import build_method
+from cure_hub.methods.cure import masked_parameter_names, prominence_mask, revision_rate_at
+from helpers import pgd_accuracy, robust_vs_fragile_task, tiny_model, train_naturally
+
+
+def reference_mask(score: np.ndarray, percent: float) -> np.ndarray:
+    """Brute force: a stable sort conserves the floor(p n / 100) lowest scores, earliest first."""
+    flat = score.reshape(-1)
+    conserved = np.argsort(flat, kind="stable")[: math.floor(percent * flat.size / 100)]
+    keep = np.ones(flat.size, dtype=bool)
+    keep[conserved] = False
+    return keep.reshape(score.shape)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (64, 3, 3, 3), (10**6,)])
+@pytest.mark.parametrize("percent", [0.0, 10.0, 30.0, 50.0, 99.9])
+def test_prominence_mask_matches_brute_force(shape, percent):
+    score = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    keep = prominence_mask(score, percent)
+    assert keep.dtype == torch.bool and keep.shape == score.shape
+    np.testing.assert_array_equal(keep.numpy(), reference_mask(score.numpy(), percent))
+    assert (~keep).sum().item() == math.floor(percent * score.numel() / 100)
+
+
+@pytest.mark.parametrize("percent", [10.0, 30.0, 70.0])
+def test_prominence_mask_breaks_ties_by_position(percent):
+    score = torch.randint(0, 4, (1000,), generator=torch.Generator().manual_seed(1)).float()
+    np.testing.assert_array_equal(prominence_mask(score, percent).numpy(), reference_mask(score.numpy(), percent))
+    constant = torch.zeros(10)
+    assert prominence_mask(constant, 30).tolist() == [False] * 3 + [True] * 7
+
+
+def test_prominence_mask_beyond_torch_quantile_limit():
+    score = torch.rand(17_000_000, generator=torch.Generator().manual_seed(2))
+    keep = prominence_mask(score, 30)
+    assert (~keep).sum().item() == math.floor(0.3 * score.numel())
+    assert score[~keep].max() <= score[keep].min()
+
+
+def _sgd_step(method, model, images, labels, optimizer, step=0):
+    output = method.compute_loss(model, images, labels)
+    optimizer.zero_grad()
+    output.loss.backward()
+    method.before_optimizer_step(model)
+    optimizer.step()
+    method.after_optimizer_step(model, step)
+    return output
+
+
+def test_conserved_weights_do_not_move_without_momentum_and_weight_decay():
+    model = tiny_model()
+    images, labels = robust_vs_fragile_task(32)
+    method = build_method(MethodConfig(method="cure", percentile=30), AttackConfig(steps=2))
+    method.setup(model, total_steps=10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0, weight_decay=0.0)
+    output = method.compute_loss(model, images, labels)
+    optimizer.zero_grad()
+    output.loss.backward()
+    count = len(method.masked_params)
+    nat, adv = method._rgp_grads[:count], method._rgp_grads[count:]
+    expected = {n: prominence_mask(0.1 * g.abs() + 0.9 * a.abs(), 30) for n, g, a in zip(method.masked_names, nat, adv)}
+    method.before_optimizer_step(model)
+    optimizer.step()
+    head = set(model.classifier_parameter_names())
+    assert set(expected) == {n for n, _ in model.named_parameters()} - head
+    for name, param in model.named_parameters():
+        moved = param.detach() != before[name]
+        if name in head:
+            assert moved.all()
+            continue
+        keep = expected[name]
+        assert not moved[~keep].any(), f"a conserved entry of {name} moved"
+        assert moved[keep].float().mean() > 0.95, f"updated entries of {name} did not move"
+
+
+def test_revision_follows_the_moving_average_when_r_is_1():
+    model = tiny_model()
+    images, labels = robust_vs_fragile_task(16)
+    config = MethodConfig(method="cure", revision_rate=1.0, revision_decay=0.9, revision_rate_schedule="constant")
+    method = build_method(config, AttackConfig(steps=1))
+    method.setup(model, total_steps=3)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected_buffers = {n: b.clone() for n, b in model.named_buffers()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        _sgd_step(method, model, images, labels, optimizer, step)
+        for name, param in model.named_parameters():
+            expected[name] = 0.9 * expected[name] + 0.1 * param.detach()
+        for name, buffer in model.named_buffers():
+            if buffer.is_floating_point():
+                expected_buffers[name] = 0.9 * expected_buffers[name] + 0.1 * buffer
+    for name, param in method.revision_model.named_parameters():
+        torch.testing.assert_close(param, expected[name])
+    for name, buffer in method.revision_model.named_buffers():
+        if buffer.is_floating_point():
+            torch.testing.assert_close(buffer, expected_buffers[name])
+
+
+def test_revision_never_changes_when_r_is_0():
+    model = tiny_model()
+    start = copy.deepcopy(model.state_dict())
+    images, labels = robust_vs_fragile_task(16)
+    method = build_method(MethodConfig(method="cure", revision_rate=0.0), AttackConfig(steps=1))
+    method.setup(model, total_steps=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        _sgd_step(method, model, images, labels, optimizer, step)
+    for name, value in method.revision_model.state_dict().items():
+        assert torch.equal(value, start[name]), name
+    assert not torch.equal(model.state_dict()["backbone.conv1.weight"], start["backbone.conv1.weight"])
+
+
+def test_revision_warmup_takes_the_model_at_step_0():
+    model = tiny_model()
+    images, labels = robust_vs_fragile_task(16)
+    config = MethodConfig(method="cure", revision_rate=1.0, revision_warmup=True, revision_rate_schedule="constant")
+    method = build_method(config, AttackConfig(steps=1))
+    method.setup(model, total_steps=2)
+    _sgd_step(method, model, images, labels, torch.optim.SGD(model.parameters(), lr=0.1), step=0)
+    for (name, rev), param in zip(method.revision_model.named_parameters(), model.parameters()):
+        assert torch.equal(rev, param.detach()), name  # decay min(1 - 1/1, d) = 0
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_consistency_is_zero_when_revision_equals_model(mode):
+    if mode == "train":  # batch norm: both use the batch's statistics
+        model = tiny_model().train()
+    else:  # no batch norm: eval and train mode agree
+        model = cure_hub.create_model("vit", num_classes=3, image_size=16, hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=32).train()
+    method = build_method(MethodConfig(method="cure", revision_mode=mode), AttackConfig(steps=1))
+    method.setup(model, total_steps=1)
+    images = torch.rand(8, 3, 16, 16)
+    adversarial = (images + 0.03 * torch.randn_like(images)).clamp(0, 1)
+    loss = method.consistency_loss(images, adversarial, model(images), model(adversarial))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    assert method.consistency_loss(images, adversarial, model(images), model(adversarial)).item() > 1e-4
+
+
+def test_revision_rate_schedules():
+    assert revision_rate_at(50, 101, 0.2, 0.0, "constant") == 0.2
+    assert revision_rate_at(0, 101, 0.2, 0.05, "linear") == pytest.approx(0.2)
+    assert revision_rate_at(50, 101, 0.2, 0.0, "linear") == pytest.approx(0.1)
+    assert revision_rate_at(100, 101, 0.2, 0.05, "cosine") == pytest.approx(0.05)
+    assert revision_rate_at(50, 101, 0.2, 0.0, "cosine") == pytest.approx(0.1)
+    assert revision_rate_at(25, 101, 0.2, 0.0, "cosine") > revision_rate_at(25, 101, 0.2, 0.0, "linear")
+
+
+def test_mask_scopes():
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    assert masked_parameter_names(model, "all") == names
+    assert masked_parameter_names(model, "all_but_head") == names[:-2]
+    official = masked_parameter_names(model, "official")
+    assert "backbone.conv1.weight" not in official and "backbone.layer1.0.conv1.weight" in official
+    assert all("conv1" in n for n in official) and len(official) == 8
+    assert masked_parameter_names(model, "all", include=["layer4.*"], exclude=["*.bn*"]) == [
+        n for n in names if n.startswith("backbone.layer4.") and ".bn" not in n
+    ]
+
+
+def test_state_dict_round_trip_restores_revision_and_its_draws():
+    model = tiny_model()
+    images, labels = robust_vs_fragile_task(16)
+    method = build_method(MethodConfig(method="cure", revision_rate=0.5), AttackConfig(steps=1))
+    method.setup(model, total_steps=4, seed=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _sgd_step(method, model, images, labels, optimizer)
+    saved = copy.deepcopy(method.state_dict())
+    other = build_method(MethodConfig(method="cure", revision_rate=0.5), AttackConfig(steps=1))
+    other.setup(tiny_model(seed=1), total_steps=4, seed=99)
+    other.load_state_dict(saved)
+    for a, b in zip(other.revision_model.state_dict().values(), method.revision_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.rand(5, generator=other.revision_generator), torch.rand(5, generator=method.revision_generator))
+
+
+@pytest.mark.slow
+def test_cure_makes_a_natural_model_robust_on_a_small_task():
+    images, labels = robust_vs_fragile_task(512)
+    test_images, test_labels = robust_vs_fragile_task(256, seed=1)
+    model = train_naturally(tiny_model(), images, labels, steps=200)
+    start_robust = pgd_accuracy(model, test_images, test_labels)
+    method = build_method(MethodConfig(method="cure", beta=6.0), AttackConfig(steps=5))
+    method.setup(model, total_steps=30)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(30):
+        idx = torch.randint(0, len(labels), (64,), generator=generator)
+        _sgd_step(method, model, images[idx], labels[idx], optimizer, step)
+    assert start_robust < 0.3
+    assert pgd_accuracy(model, test_images, test_labels) > start_robust + 0.4

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from cure_hub.config import METHODS, AttackConfig, MethodConfig
+from cure_hub.methods import METHOD_CLASSES, build_method
+from helpers import robust_vs_fragile_task, tiny_model
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_a_few_steps_with_finite_losses(name):
+    model = tiny_model()
+    images, labels = robust_vs_fragile_task(16)
+    method = build_method(MethodConfig(method=name), AttackConfig(steps=2))
+    method.setup(model, total_steps=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        output = method.compute_loss(model, images, labels)
+        optimizer.zero_grad()
+        output.loss.backward()
+        metrics = {**output.metrics, **method.before_optimizer_step(model)}
+        optimizer.step()
+        method.after_optimizer_step(model, step)
+        assert math.isfinite(output.loss.item())
+        assert all(math.isfinite(v.item()) and not v.requires_grad for v in metrics.values())
+
+
+def test_method_registry_and_attack_starts():
+    assert set(METHOD_CLASSES) == set(METHODS)
+    assert build_method(MethodConfig(method="pgd_at"), AttackConfig()).attack.random_start == "uniform"
+    assert build_method(MethodConfig(method="trades"), AttackConfig()).attack.random_start == "normal"
+    assert build_method(MethodConfig(method="pgd_at"), AttackConfig(random_start="none")).attack.random_start == "none"
+
+
+def test_default_betas():
+    assert MethodConfig(method="trades").beta == 6.0
+    assert MethodConfig(method="cure").beta == 1.0
+    assert MethodConfig(method="cure", beta=5.0).beta == 5.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"percentile": 100.0}, r"percentile \(p\) must be in \[0, 100\), got 100.0"),
+        ({"percentile": -1.0}, "percentile"),
+        ({"alpha": 1.5}, r"alpha must be in \[0, 1\], got 1.5"),
+        ({"revision_rate": -0.1}, "revision_rate must be in"),
+        ({"revision_decay": 2.0}, "revision_decay must be in"),
+        ({"method": "fgsm"}, "method must be one of"),
+        ({"mask_scope": "some"}, "mask_scope must be one of"),
+        ({"gamma": -1.0}, "gamma must be >= 0"),
+    ],
+)
+def test_out_of_range_method_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MethodConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"epsilon": 0.0}, "epsilon must be > 0"), ({"steps": -1}, "steps"), ({"norm": "l1"}, "norm must be one of")])
+def test_out_of_range_attack_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AttackConfig(**kwargs)
+
+
+def test_cure_gradient_accumulation_sums_rgp_gradients_before_masking():
+    images, labels = robust_vs_fragile_task(16)
+    torch.manual_seed(0)
+    whole = build_method(MethodConfig(method="cure"), AttackConfig(steps=0, random_start="none"))
+    model = tiny_model().eval()  # eval mode: no batch statistics, so halves add up to the whole
+    whole.setup(model, total_steps=1)
+    whole.compute_loss(model, images, labels)
+    full = [g.clone() for g in whole._rgp_grads]
+    whole._rgp_grads = None
+    for half in (slice(0, 8), slice(8, 16)):
+        whole.compute_loss(model, images[half], labels[half])
+    for a, b in zip(whole._rgp_grads, full):
+        torch.testing.assert_close(a / 2, b, atol=1e-6, rtol=1e-4)
