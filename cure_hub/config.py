@@ -45,6 +45,9 @@ class DataConfig:
         default=None, metadata={"help": "Evaluate during training on a class-balanced subset of this many examples."}
     )
     subset_seed: int = dataclasses.field(default=0, metadata={"help": "Seed that draws the subsets."})
+    augment: bool = dataclasses.field(
+        default=True, metadata={"help": "Random crop (4-pixel padding) and horizontal flip of training images."}
+    )
 
     def __post_init__(self):
         for name in ("image_size", "train_subset", "eval_subset"):
@@ -148,3 +151,139 @@ class MethodConfig:
             _check(0 <= value <= 1, f"{name} must be in [0, 1], got {value}")
         _check(self.revision_rate_min <= self.revision_rate, "revision_rate_min must not exceed revision_rate")
         _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The network and where its starting weights come from."""
+
+    model: str = dataclasses.field(
+        default="cifar_resnet18",
+        metadata={"help": "timm architecture or alias, transformers model type, config.json, folder or Hub id."},
+    )
+    model_kwargs: dict = dataclasses.field(
+        default_factory=dict,
+        metadata={"help": "Constructor arguments or config fields, e.g. width=16 or hidden_size=192."},
+    )
+    pretrained: bool = dataclasses.field(default=False, metadata={"help": "Start from the architecture's pretrained weights."})
+    init_from: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Start from these weights: a state dict file, a run or export folder, or a Hub id."},
+    )
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimiser, learning-rate schedule, length and precision of training."""
+
+    epochs: int = dataclasses.field(default=10, metadata={"help": "Training epochs."})
+    max_steps: int | None = dataclasses.field(default=None, metadata={"help": "Stop after this many optimiser steps."})
+    batch_size: int = dataclasses.field(default=128, metadata={"help": "Batch size per process."})
+    optimizer: str = dataclasses.field(default="sgd", metadata={"help": "Optimiser.", "choices": ("sgd", "adamw")})
+    lr: float = dataclasses.field(default=0.1, metadata={"help": "Peak learning rate."})
+    momentum: float = dataclasses.field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = dataclasses.field(default=5e-4, metadata={"help": "Weight decay."})
+    lr_schedule: str = dataclasses.field(
+        default="piecewise",
+        metadata={"help": "piecewise (TRADES: x0.1 at each milestone), cosine or constant.", "choices": ("piecewise", "cosine", "constant")},
+    )
+    lr_milestones: list[float] = dataclasses.field(
+        default_factory=lambda: [0.75, 0.9], metadata={"help": "Fractions of training where the piecewise schedule decays."}
+    )
+    lr_warmup_steps: int = dataclasses.field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
+    warmup_epochs: int = dataclasses.field(
+        default=0, metadata={"help": "Epochs of natural training before the method starts (CURE-Eff)."}
+    )
+    gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    mixed_precision: str = dataclasses.field(
+        default="no", metadata={"help": "Mixed precision.", "choices": ("no", "bf16", "fp16")}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "Random seed (data order, attacks, revision draws)."})
+
+    def __post_init__(self):
+        _check_choices(self)
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(all(0 < m < 1 for m in self.lr_milestones), f"lr_milestones must be fractions in (0, 1), got {self.lr_milestones}")
+        _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Where the run is written, how often it evaluates, logs and checkpoints."""
+
+    output_dir: str = dataclasses.field(default="runs/cure", metadata={"help": "Run folder."})
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False, metadata={"help": "Train into a run folder that already holds a run."}
+    )
+    resume_from: str | None = dataclasses.field(
+        default=None, metadata={"help": "Resume from a checkpoint folder, or the latest checkpoint of a run folder."}
+    )
+    eval_every_epochs: int = dataclasses.field(default=1, metadata={"help": "Evaluate clean and PGD-20 accuracy every N epochs (and at the end)."})
+    eval_attack_steps: int = dataclasses.field(default=20, metadata={"help": "PGD steps of the evaluation during training."})
+    checkpoint_every_steps: int | None = dataclasses.field(
+        default=None, metadata={"help": "Also checkpoint every N optimiser steps (always at each epoch's end and the end)."}
+    )
+    keep_checkpoints: int = dataclasses.field(default=2, metadata={"help": "Checkpoints kept (oldest removed)."})
+    log_every_steps: int = dataclasses.field(default=10, metadata={"help": "Log training metrics every N optimiser steps."})
+    report_to: str = dataclasses.field(default="none", metadata={"help": "Tracker: none, tensorboard, wandb, ... (Accelerate)."})
+    num_workers: int = dataclasses.field(default=0, metadata={"help": "Data-loading worker processes."})
+    push_to_hub: bool = dataclasses.field(default=False, metadata={"help": "Push the exported model to the Hub at the end."})
+    hub_model_id: str | None = dataclasses.field(default=None, metadata={"help": "Hub repository id to push to."})
+
+    def __post_init__(self):
+        _check(self.eval_every_epochs >= 1, f"eval_every_epochs must be >= 1, got {self.eval_every_epochs}")
+        _check(self.eval_attack_steps >= 0, f"eval_attack_steps must be >= 0, got {self.eval_attack_steps}")
+        _check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "checkpoint_every_steps must be >= 1")
+        _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}")
+        _check(not self.push_to_hub or self.hub_model_id, "push_to_hub needs hub_model_id")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A whole training run. Recipes (YAML) have one section per field; every leaf field is also
+    a command-line flag (``--field-name``)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, sections: dict) -> "TrainConfig":
+        """Build from nested sections, naming any unknown section or key."""
+        types = {f.name: f.default_factory for f in dataclasses.fields(cls)}
+        unknown = set(sections) - set(types)
+        _check(not unknown, f"unknown recipe section(s) {sorted(unknown)}; sections are {sorted(types)}")
+        built = {}
+        for name, section_type in types.items():
+            values = dict(sections.get(name) or {})
+            known = {f.name for f in dataclasses.fields(section_type)}
+            extra = set(values) - known
+            _check(not extra, f"unknown key(s) {sorted(extra)} in section '{name}'; its keys are {sorted(known)}")
+            built[name] = section_type(**values)
+        return cls(**built)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: dict | None = None) -> "TrainConfig":
+        """A recipe file, with ``overrides`` ({section: {key: value}}) applied on top."""
+        import yaml
+
+        with open(path) as f:
+            sections = yaml.safe_load(f) or {}
+        _check(isinstance(sections, dict), f"recipe {path} must be a mapping of sections")
+        for section, values in (overrides or {}).items():
+            sections.setdefault(section, {}).update(values)
+        return cls.from_dict(sections)

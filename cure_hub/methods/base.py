@@ -52,6 +52,8 @@ class Method:
     def __init__(self, config: MethodConfig, attack: AttackConfig):
         self.config = config
         self.attack = attack if attack.random_start else dataclasses.replace(attack, random_start=self.default_random_start)
+        #: Draws the attacks' random starts; the global RNG when None. The trainer sets and checkpoints it.
+        self.generator: torch.Generator | None = None
 
     def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
         """Called once before training with the (unwrapped) model and the number of optimiser steps."""
@@ -73,4 +75,4 @@ class Method:
         pass
 
     def adversarial_examples(self, model: nn.Module, images, labels, loss: AttackLoss) -> torch.Tensor:
-        return pgd_attack(unwrap(model), images, labels, self.attack, loss=loss)
+        return pgd_attack(unwrap(model), images, labels, self.attack, loss=loss, generator=self.generator)

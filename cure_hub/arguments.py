@@ -1,0 +1,89 @@
+"""Command-line flags generated from the configuration dataclasses, one flag per field.
+
+``--recipe FILE.yaml`` supplies a recipe; flags given on the command line override it; what is in
+neither keeps the dataclass default. Flags are registered with ``argparse.SUPPRESS`` defaults, so
+"given" and "left at its default" can be told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+import yaml
+
+from .config import TrainConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation):
+    """``int | None`` -> int, ``list[str]`` -> (list, str), ``dict`` -> dict."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _key_value(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--recipe`` and one flag for every field of every section of :class:`TrainConfig`."""
+    parser.add_argument("--recipe", help="YAML recipe; flags given here override it.")
+    defaults = TrainConfig()
+    for section in dataclasses.fields(TrainConfig):
+        group = parser.add_argument_group(section.name, section.default_factory.__doc__.split("\n\n")[0])
+        hints = typing.get_type_hints(section.default_factory)
+        for field in dataclasses.fields(section.default_factory):
+            default = getattr(getattr(defaults, section.name), field.name)
+            kind = _base_type(hints[field.name])
+            options = {"dest": f"{section.name}.{field.name}", "default": argparse.SUPPRESS}
+            if kind is not bool:
+                options["metavar"] = field.name.upper()
+            help_text = f"{field.metadata.get('help', '')} (default: {default})".strip()
+            if kind is bool:
+                options["action"] = argparse.BooleanOptionalAction
+            elif kind is dict:
+                options.update(nargs="+", type=_key_value, metavar="KEY=VALUE")
+            elif typing.get_origin(kind) is list:
+                options.update(nargs="+", type=typing.get_args(kind)[0])
+            else:
+                options["type"] = kind
+                if "choices" in field.metadata:
+                    options["choices"] = [c for c in field.metadata["choices"] if c is not None]
+                    options["metavar"] = "{" + ",".join(options["choices"]) + "}"
+            group.add_argument(_flag(field.name), help=help_text.replace("%", "%%"), **options)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The recipe (if any) with the flags that were given applied on top, validated."""
+    overrides: dict[str, dict] = {}
+    for dest, value in vars(args).items():
+        if "." not in dest:
+            continue
+        section, name = dest.split(".", 1)
+        overrides.setdefault(section, {})[name] = dict(value) if isinstance(value, list) and value and isinstance(value[0], tuple) else value
+    if args.recipe:
+        return TrainConfig.from_yaml(args.recipe, overrides)
+    return TrainConfig.from_dict(overrides)
+
+
+def parse_train_config(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
+    """Parse ``argv`` into a validated :class:`TrainConfig`; a bad flag or value exits with status 2."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train an adversarially robust model (CURE by default).", allow_abbrev=False
+    )
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        parser.error(str(err))

@@ -1,0 +1,187 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cure_hub.arguments import parse_train_config
+from cure_hub.config import METHODS, TrainConfig
+from cure_hub.trainer import Trainer, lr_multiplier
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def tiny_config(output_dir, **sections) -> TrainConfig:
+    base = {
+        "model": {"model": "cifar_resnet18", "model_kwargs": {"width": 4}},
+        "data": {"dataset": "digits", "eval_subset": 20},
+        "method": {"method": "cure", "revision_rate": 0.7},
+        "attack": {"steps": 2},
+        "optim": {"max_steps": 4, "batch_size": 16, "lr": 0.05, "seed": 3},
+        "run": {"output_dir": str(output_dir), "eval_attack_steps": 2, "log_every_steps": 1},
+    }
+    for name, values in sections.items():
+        base[name] = {**base[name], **values}
+    return TrainConfig.from_dict(base)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_accelerate_launch_trains_vit_small_on_cifar10(method, cifar10_dir, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "cure_hub" / "train.py"),
+        "--model", "vit_small", "--dataset", cifar10_dir, "--method", method, "--max-steps", "3",
+        "--train-subset", "48", "--eval-subset", "10", "--batch-size", "8", "--steps", "1",
+        "--eval-attack-steps", "1", "--output-dir", str(tmp_path / "run"),
+    ]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "model_spec.json", "metrics.jsonl", "summary.json", "weights/last.safetensors"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"]["method"] == method
+    assert (run / "weights/revision.safetensors").is_file() == (method == "cure")
+    spec = json.loads((run / "model_spec.json").read_text())
+    assert spec["model_args"] == {"patch_size": 4, "img_size": 32} and spec["label_names"][0] == "airplane"
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
+    script = str(REPO / "tests" / "distributed_cure.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    two = subprocess.run([*torchrun, script, str(tmp_path / "two"), "8"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), "16"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "one" / "rank0.pt")
+    for part in ("model", "revision"):
+        for key, value in rank0[part].items():
+            assert torch.equal(value, rank1[part][key]), f"{part} {key} differs between ranks"
+            torch.testing.assert_close(value, single[part][key], rtol=1e-4, atol=1e-5, msg=f"{part} {key}")
+    assert torch.equal(rank0["revisions_made"], single["revisions_made"])
+    assert not all(torch.equal(a, b) for a, b in zip(single["model"].values(), single["revision"].values()))
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = tiny_config(tmp_path / "straight", run={"checkpoint_every_steps": 2, "keep_checkpoints": 3})
+    Trainer(straight).train()
+    resumed = tiny_config(tmp_path / "resumed", run={"resume_from": str(tmp_path / "straight/checkpoints/step_0000002")})
+    Trainer(resumed).train()
+    for name in ("last", "revision"):
+        a = load_file(tmp_path / "straight" / "weights" / f"{name}.safetensors")
+        b = load_file(tmp_path / "resumed" / "weights" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name} {key}"
+    halfway = load_file(tmp_path / "straight" / "checkpoints" / "step_0000002" / "model.safetensors")
+    last = load_file(tmp_path / "straight" / "weights" / "last.safetensors")
+    assert not torch.equal(halfway["backbone.conv1.weight"], last["conv1.weight"])  # steps 3-4 did move it
+
+
+def test_warmup_epochs_train_naturally_then_switch(tmp_path):
+    config = tiny_config(tmp_path / "run", optim={"max_steps": None, "epochs": 2, "warmup_epochs": 1, "batch_size": 256})
+    summary = Trainer(config).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "train/loss" in r]
+    steps_per_epoch = 1437 // 256
+    assert summary["steps"] == 2 * steps_per_epoch
+    assert all("train/consistency" not in r for r in train_records if r["step"] <= steps_per_epoch)
+    assert all("train/consistency" in r for r in train_records if r["step"] > steps_per_epoch)
+    assert [r["step"] for r in records if "eval/clean_acc" in r] == [steps_per_epoch, 2 * steps_per_epoch]
+
+
+def test_gradient_accumulation_runs_every_method_step_count(tmp_path):
+    config = tiny_config(tmp_path / "run", optim={"gradient_accumulation_steps": 2, "batch_size": 8})
+    summary = Trainer(config).train()
+    assert summary["steps"] == 4
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    Trainer(tiny_config(tmp_path / "run", optim={"max_steps": 1})).train()
+    with pytest.raises(FileExistsError, match="--resume-from"):
+        Trainer(tiny_config(tmp_path / "run", optim={"max_steps": 1})).train()
+
+
+def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path):
+    command = [
+        sys.executable, str(REPO / "cure_hub" / "train.py"), "--model", "cifar_resnet18", "--model-kwargs", "width=4",
+        "--dataset", "digits", "--max-steps", "400", "--batch-size", "16", "--steps", "2", "--eval-subset", "20",
+        "--eval-attack-steps", "1", "--log-every-steps", "1", "--output-dir", str(tmp_path / "run"),
+    ]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and not checkpoints[0].name.endswith(".partial")
+    stopped_at = int(checkpoints[0].name.split("_")[1])
+    assert 3 <= stopped_at < 400
+    resumed = subprocess.run([*command, "--resume-from", str(tmp_path / "run"), "--max-steps", str(stopped_at + 2)],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == stopped_at + 2
+
+
+def test_lr_schedules():
+    config = TrainConfig().optim
+    assert [lr_multiplier(s, 100, config) for s in (0, 74, 75, 89, 90, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = TrainConfig.from_dict({"optim": {"lr_schedule": "cosine", "lr_warmup_steps": 10}}).optim
+    assert lr_multiplier(0, 100, cosine) == pytest.approx(0.1)
+    assert lr_multiplier(50, 100, cosine) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses_into_a_valid_config(recipe):
+    config = parse_train_config(["--recipe", str(recipe)])
+    assert config.method.method in METHODS
+
+
+def test_flags_override_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method:\n  percentile: 20\n  alpha: 0.3\noptim:\n  epochs: 5\n")
+    config = parse_train_config(["--recipe", str(recipe), "--alpha", "0.2", "--model", "vit_small"])
+    assert (config.method.percentile, config.method.alpha, config.optim.epochs, config.model.model) == (20, 0.2, 5, "vit_small")
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--percentile", "100"], "percentile"),
+        (["--alpha", "1.5"], "alpha must be in"),
+        (["--revision-rate", "2"], "revision_rate must be in"),
+        (["--revision-decay", "-0.5"], "revision_decay must be in"),
+        (["--epsilon", "0"], "epsilon must be > 0"),
+        (["--method", "fgsm"], "invalid choice: 'fgsm'"),
+        (["--percentil", "20"], "unrecognized arguments: --percentil"),
+        (["--push-to-hub"], "push_to_hub needs hub_model_id"),
+    ],
+)
+def test_bad_flags_fail_before_any_work(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_config(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_recipe_keys_are_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method:\n  percentage: 20\n")
+    with pytest.raises(SystemExit):
+        parse_train_config(["--recipe", str(recipe)])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['percentage'\] in section 'method'"):
+        TrainConfig.from_yaml(str(recipe))
