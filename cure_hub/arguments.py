@@ -28,7 +28,7 @@ def _base_type(annotation):
     return annotation
 
 
-def _key_value(text: str):
+def key_value(text: str):
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -52,7 +52,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             if kind is bool:
                 options["action"] = argparse.BooleanOptionalAction
             elif kind is dict:
-                options.update(nargs="+", type=_key_value, metavar="KEY=VALUE")
+                options.update(nargs="+", type=key_value, metavar="KEY=VALUE")
             elif typing.get_origin(kind) is list:
                 options.update(nargs="+", type=typing.get_args(kind)[0])
             else:

@@ -7,6 +7,8 @@ import fnmatch
 import logging
 import sys
 
+from .arguments import key_value
+
 
 def _models(args: argparse.Namespace) -> int:
     from .models import known_model_names
@@ -22,6 +24,86 @@ def _train(args: argparse.Namespace) -> int:
     return train_main(args.train_args, prog="cure-hub train")
 
 
+def _epsilon(text: str) -> float:
+    """``8/255`` or ``0.0314``."""
+    numerator, _, denominator = text.partition("/")
+    try:
+        value = float(numerator) / float(denominator or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"epsilon must be a number or a fraction like 8/255, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"epsilon must be > 0, got {text!r}")
+    return value
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .config import DataConfig
+    from .data import collate, load_eval_split
+    from .evaluation import ATTACKS, evaluate_robustness, parse_attacks
+    from .hub import load_robust_model
+    from .models import create_model
+    from .plots import write_plots
+
+    attacks = parse_attacks(args.attacks)
+    data_config = DataConfig(dataset=args.dataset, eval_split=args.split, image_column=args.image_column,
+                             label_column=args.label_column, image_size=args.image_size, subset_seed=args.seed)
+    dataset, split, class_names = load_eval_split(data_config, args.n_examples)
+    if args.checkpoint:
+        model = create_model(args.model, num_classes=len(class_names), image_size=dataset[0]["image"].shape[-1],
+                             checkpoint=args.checkpoint, **dict(args.model_kwargs or []))
+    else:
+        model = load_robust_model(args.model, weights=args.weights)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    logger = logging.getLogger("cure_hub")
+    logger.info("evaluating %s on %d examples of %s/%s with %s at eps %.5f (%s)", args.model, len(dataset),
+                args.dataset, split, ", ".join(attacks), args.epsilon, args.norm)
+    if any(ATTACKS[a].autoattack_version for a in attacks) and device == "cpu":
+        logger.info("AutoAttack on a CPU takes seconds per example: %d examples will be attacked", len(dataset))
+    batches = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
+    results = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": split,
+        **evaluate_robustness(model, batches, attacks, epsilon=args.epsilon, norm=args.norm, eps_sweep=args.eps_sweep,
+                              device=device, seed=args.seed, n_examples=len(dataset)),
+    }
+    print(format_results_table(results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+        if args.plots:
+            for path in write_plots([args.output], args.plots):
+                print(f"wrote {path}")
+    return 0
+
+
+def format_results_table(results: dict) -> str:
+    rows = [("attack", "accuracy")] + [(name, f"{value:.4f}") for name, value in results["accuracy"].items()]
+    if results.get("worst_case") is not None:
+        rows.append(("worst case", f"{results['worst_case']:.4f}"))
+    rows += [(f"NRR ({name})", f"{value:.4f}") for name, value in results["nrr"].items()]
+    rows += [(f"PGD-20 @ {eps}", f"{value:.4f}") for eps, value in results["eps_sweep"].items()]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{results['n_examples']} examples, {results['norm']} eps {results['epsilon']:.5f}"]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    lines += [f"WARNING: {w}" for w in results["warnings"]]
+    return "\n".join(lines)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import write_plots
+
+    written = write_plots(args.inputs, args.output_dir)
+    for path in written:
+        print(f"wrote {path}")
+    return 0 if written else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cure-hub",
@@ -33,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("train_args", nargs=argparse.REMAINDER)
     train.set_defaults(run=_train)
+    evaluate = commands.add_parser("eval", help="Evaluate robustness: clean, PGD-20/100, C&W, AutoAttack, NRR.")
+    evaluate.add_argument("model", help="Run folder, export folder, Hub id, or an architecture with --checkpoint.")
+    evaluate.add_argument("--checkpoint", help="State dict for an architecture name (e.g. a CIFAR ResNet checkpoint).")
+    evaluate.add_argument("--model-kwargs", nargs="+", type=key_value, metavar="KEY=VALUE", help="Constructor arguments with --checkpoint.")
+    evaluate.add_argument("--weights", default="last", choices=("last", "best", "revision"), help="Which weights of a run folder.")
+    evaluate.add_argument("--dataset", default="uoft-cs/cifar10", help="Dataset id, folder or packaged name.")
+    evaluate.add_argument("--split", help="Split to evaluate (default: test, else validation).")
+    evaluate.add_argument("--image-column")
+    evaluate.add_argument("--label-column")
+    evaluate.add_argument("--image-size", type=int, help="Resize images to this size.")
+    evaluate.add_argument("--attacks", default="clean,pgd20,pgd100,cw", help="Comma-separated: " + ", ".join(
+        ["clean", "pgd20", "pgd100", "cw", "apgd-ce", "aa", "aa-rand"]) + ".")
+    evaluate.add_argument("--epsilon", type=_epsilon, default=8 / 255, help="Radius, e.g. 8/255 (default) or 0.5.")
+    evaluate.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    evaluate.add_argument("--eps-sweep", action="store_true", help="PGD-20 accuracy at eps 0.25 ... 8/255.")
+    evaluate.add_argument("--n-examples", type=int, help="A deterministic, class-balanced subset of this many examples.")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--output", help="Write the results JSON here.")
+    evaluate.add_argument("--plots", help="Write PNG plots of the results (with --output) to this folder.")
+    evaluate.set_defaults(run=_eval)
+    plot = commands.add_parser("plot", help="Plots from results JSON files and training run folders.")
+    plot.add_argument("inputs", nargs="+", help="results.json files (ε sweep, trade-off) and run folders (training curves).")
+    plot.add_argument("--output-dir", required=True)
+    plot.set_defaults(run=_plot)
     models = commands.add_parser("models", help="List the model names create_model accepts.")
     models.add_argument("pattern", nargs="?", default="*", help="Shell-style filter, e.g. 'vit_*'.")
     models.set_defaults(run=_models)

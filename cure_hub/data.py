@@ -185,20 +185,36 @@ def load_data(config: DataConfig) -> ImageClassificationData:
     train_name, eval_name = choose_splits(list(splits), config.train_split, config.eval_split)
     train, evaluation = splits[train_name], splits[eval_name]
     image_col, label_col = detect_columns(train.features, config.image_column, config.label_column)
-    class_names = _class_names(train, label_col)
-    if config.train_subset:
-        train = train.select(balanced_subset_indices(train[label_col], config.train_subset, config.subset_seed))
-    if config.eval_subset:
-        evaluation = evaluation.select(balanced_subset_indices(evaluation[label_col], config.eval_subset, config.subset_seed))
     transform = _ToTensors(image_col, label_col, config.image_size)
-    image_size = config.image_size or transform(train[:1])["image"][0].shape[-1]
+    train = _prepare_split(train, label_col, config.train_subset, config.subset_seed, transform)
+    evaluation = _prepare_split(evaluation, label_col, config.eval_subset, config.subset_seed, transform)
     return ImageClassificationData(
-        train=train.with_transform(transform),
-        eval=evaluation.with_transform(transform),
-        class_names=class_names,
-        image_size=image_size,
+        train=train,
+        eval=evaluation,
+        class_names=_class_names(splits[train_name], label_col),
+        image_size=config.image_size or train[0]["image"].shape[-1],
         name=config.dataset,
     )
+
+
+def load_eval_split(config: DataConfig, n_examples: int | None = None):
+    """One split for evaluation (``config.eval_split``, else test / validation): a deterministic,
+    class-balanced subset of ``n_examples`` when given. Returns the dataset, its split name and
+    the class names."""
+    splits = load_dataset_dict(config.dataset, config.dataset_config)
+    split = config.eval_split or next((s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
+    if split not in splits:
+        raise ValueError(f"no evaluation split {split!r}; the dataset's splits are {list(splits)} (set --split)")
+    image_col, label_col = detect_columns(splits[split].features, config.image_column, config.label_column)
+    transform = _ToTensors(image_col, label_col, config.image_size)
+    dataset = _prepare_split(splits[split], label_col, n_examples, config.subset_seed, transform)
+    return dataset, split, _class_names(splits[split], label_col)
+
+
+def _prepare_split(dataset, label_column: str, subset: int | None, seed: int, transform):
+    if subset:
+        dataset = dataset.select(balanced_subset_indices(dataset[label_column], subset, seed))
+    return dataset.with_transform(transform)
 
 
 def _class_names(dataset, label_column: str) -> list[str]:

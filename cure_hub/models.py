@@ -183,7 +183,7 @@ def create_model(
     elif name in _transformers_model_types():
         model = _create_transformers_from_config(_transformers_config(name, num_classes, image_size, kwargs))
     elif "/" in name and not name.startswith((".", "/")):
-        model = _create_transformers_pretrained(name, num_classes)
+        model = from_transformers_pretrained(name, num_classes)
     else:
         suggestions = difflib.get_close_matches(name, known_model_names(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
@@ -268,19 +268,19 @@ def _create_transformers_from_config(config, source: str | None = None, mean=Non
     return _wrap_transformers(backbone, source, mean, std)
 
 
-def _create_transformers_pretrained(name_or_path: str, num_classes: int | None) -> RobustClassifier:
+def from_transformers_pretrained(name_or_path: str, num_classes: int | None, revision: str | None = None) -> RobustClassifier:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     extra = {"num_labels": num_classes, "ignore_mismatched_sizes": True} if num_classes is not None else {}
     try:
-        backbone = AutoModelForImageClassification.from_pretrained(name_or_path, **extra)
+        backbone = AutoModelForImageClassification.from_pretrained(name_or_path, revision=revision, **extra)
     except OSError as err:
         raise UnknownModelError(
             f"Could not load {name_or_path!r} as a transformers image classifier: {err}. "
             "If it is a Hub id, check the name and your network (or HF_HUB_OFFLINE with a cached copy)."
         ) from err
     try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
         mean, std = processor.image_mean, processor.image_std
     except (OSError, ValueError, AttributeError):
         mean = std = None
@@ -342,7 +342,7 @@ def _create_from_path(path: Path, num_classes, image_size, pretrained: bool, **k
     if "model_type" not in config:
         raise UnknownModelError(f"{config_file} has neither timm's 'architecture' nor transformers' 'model_type'")
     if path.is_dir() and any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
-        return _create_transformers_pretrained(str(path), num_classes)
+        return from_transformers_pretrained(str(path), num_classes)
     return _create_transformers_from_config(
         _transformers_config(config.pop("model_type"), num_classes, image_size, {**config, **kwargs})
     )
@@ -392,3 +392,19 @@ def load_weights(model: RobustClassifier, path: str | os.PathLike) -> None:
             f"  missing keys ({len(result.missing_keys)}): {result.missing_keys[:20]}\n"
             f"  unexpected keys ({len(result.unexpected_keys)}): {result.unexpected_keys[:20]}"
         )
+
+
+def model_from_spec(spec: ModelSpec, weights: str | os.PathLike | None = None) -> RobustClassifier:
+    """Rebuild exactly the network ``spec`` describes (no size or patch decisions are re-made),
+    with the state dict in ``weights`` if given."""
+    if spec.library == "timm":
+        backbone = timm.create_model(spec.architecture, num_classes=spec.num_classes, **spec.model_args)
+    else:
+        from transformers import AutoConfig, AutoModelForImageClassification
+
+        fields = {k: v for k, v in spec.model_args.items() if k not in ("model_type", "transformers_version")}
+        backbone = AutoModelForImageClassification.from_config(AutoConfig.for_model(spec.architecture, **fields))
+    model = RobustClassifier(backbone, dataclasses.replace(spec, mean=tuple(spec.mean), std=tuple(spec.std)))
+    if weights is not None:
+        load_weights(model, weights)
+    return model

@@ -1,0 +1,92 @@
+"""PNG plots of evaluation results and training runs (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(results: dict, path: Path) -> str:
+    return str(results.get("model") or path.stem)
+
+
+def plot_eps_sweep(results_files: list[Path], output: Path) -> Path | None:
+    """PGD-20 accuracy against ε, one line per results file that has a sweep."""
+    runs = [(p, json.loads(p.read_text())) for p in results_files]
+    runs = [(p, r) for p, r in runs if r.get("eps_sweep")]
+    if not runs:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for path, results in runs:
+        eps = [float(k.split("/")[0]) for k in results["eps_sweep"]]
+        axes.plot(eps, list(results["eps_sweep"].values()), marker="o", label=_label(results, path))
+    axes.set(xscale="log", xlabel="ε (× 1/255)", ylabel="PGD-20 accuracy", ylim=(0, 1), title="Accuracy against ε")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
+def plot_tradeoff(results_files: list[Path], output: Path, robust: str = "pgd20") -> Path | None:
+    """Clean against robust accuracy, one point per results file."""
+    points = []
+    for path in results_files:
+        results = json.loads(path.read_text())
+        accuracy = results["accuracy"]
+        name = robust if robust in accuracy else next((a for a in ("aa", "cw", "pgd100", "pgd20") if a in accuracy), None)
+        if name:
+            points.append((accuracy["clean"], accuracy[name], _label(results, path), name))
+    if len(points) < 2:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 4))
+    for clean, rob, label, name in points:
+        axes.scatter(clean, rob)
+        axes.annotate(f"{label} ({name})", (clean, rob), fontsize="small", xytext=(4, 4), textcoords="offset points")
+    axes.set(xlabel="clean accuracy", ylabel="robust accuracy", title="Clean–robust trade-off")
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
+def plot_training(run_dir: Path, output: Path) -> Path | None:
+    """Clean and PGD accuracy of the evaluations during a run: robust overfitting shows here."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "eval/clean_acc" in r]
+    if not evals:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    steps = [r["step"] for r in evals]
+    for key in [k for k in evals[-1] if k.startswith("eval/")]:
+        axes.plot(steps, [r.get(key) for r in evals], marker="o", label=key.removeprefix("eval/"))
+    axes.set(xlabel="optimiser step", ylabel="accuracy", ylim=(0, 1), title=f"Training: {run_dir.name}")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
+def write_plots(inputs: list[str], output_dir: str) -> list[Path]:
+    """Every plot the inputs allow: results JSON files and training run folders."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in inputs]
+    results_files = [p for p in paths if p.is_file()]
+    written = [plot_eps_sweep(results_files, out / "eps_sweep.png"), plot_tradeoff(results_files, out / "tradeoff.png")]
+    for run in (p for p in paths if p.is_dir()):
+        written.append(plot_training(run, out / f"training_{run.name}.png"))
+    return [p for p in written if p is not None]

@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+
+import cure_hub
+from cure_hub.cli import main
+from cure_hub.config import TrainConfig
+from cure_hub.evaluation import evaluate_robustness, gradient_masking_warnings, natural_robustness_ratio
+from cure_hub.hub import load_robust_model
+from cure_hub.trainer import Trainer
+
+RESULT_KEYS = {"model", "dataset", "split", "n_examples", "norm", "epsilon", "accuracy", "nrr", "eps_sweep", "warnings"}
+
+
+@pytest.fixture(scope="module")
+def natural_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("natural") / "run"
+    config = TrainConfig.from_dict({
+        "model": {"model": "cifar_resnet18", "model_kwargs": {"width": 8}},
+        "data": {"dataset": "digits", "augment": False, "eval_subset": 50},
+        "method": {"method": "standard"},
+        "optim": {"epochs": 3, "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine"},
+        "run": {"output_dir": str(output), "eval_attack_steps": 0},
+    })
+    Trainer(config).train()
+    return output
+
+
+@pytest.fixture(scope="module")
+def evaluation(natural_run, tmp_path_factory):
+    """8x8 digits resist 8/255 even when trained naturally; 24/255 lets the attacks bite."""
+    output = tmp_path_factory.mktemp("eval")
+    code = main([
+        "eval", str(natural_run), "--dataset", "digits", "--n-examples", "40", "--attacks", "clean,pgd20,pgd100,cw,aa",
+        "--epsilon", "24/255", "--eps-sweep", "--output", str(output / "results.json"), "--plots", str(output / "plots"),
+    ])
+    assert code == 0
+    return json.loads((output / "results.json").read_text()), output
+
+
+def test_results_have_the_documented_shape(evaluation):
+    results, _ = evaluation
+    assert RESULT_KEYS <= set(results)
+    assert results["n_examples"] == 40 and results["norm"] == "linf" and results["epsilon"] == pytest.approx(24 / 255)
+    assert set(results["accuracy"]) == {"clean", "pgd20", "pgd100", "cw", "aa"}
+    assert all(0.0 <= v <= 1.0 for v in results["accuracy"].values())
+    assert list(results["eps_sweep"]) == ["0.25/255", "0.5/255", "1/255", "2/255", "4/255", "8/255"]
+
+
+def test_stronger_attacks_leave_fewer_examples_standing(evaluation):
+    accuracy = evaluation[0]["accuracy"]
+    assert accuracy["clean"] >= accuracy["pgd20"] >= accuracy["pgd100"]
+    assert accuracy["aa"] <= accuracy["pgd20"]
+    assert accuracy["clean"] > 0.8 and accuracy["pgd20"] < accuracy["clean"] - 0.2  # the attacks did something
+    sweep = list(evaluation[0]["eps_sweep"].values())
+    assert sweep == sorted(sweep, reverse=True) and sweep[0] > sweep[-1]
+    assert evaluation[0]["worst_case"] <= min(v for k, v in accuracy.items() if k != "clean")
+
+
+def test_nrr_is_the_harmonic_mean(evaluation):
+    results = evaluation[0]
+    accuracy = results["accuracy"]
+    for key in ("cw", "aa"):
+        expected = 2 * accuracy["clean"] * accuracy[key] / (accuracy["clean"] + accuracy[key])
+        assert results["nrr"][key] == pytest.approx(expected)
+    assert natural_robustness_ratio(0.8, 0.5) == pytest.approx(2 * 0.8 * 0.5 / 1.3)
+    assert natural_robustness_ratio(0.0, 0.0) == 0.0
+
+
+def test_plots_are_written(evaluation, natural_run, tmp_path):
+    _, output = evaluation
+    assert (output / "plots" / "eps_sweep.png").stat().st_size > 1000
+    other = json.loads((output / "results.json").read_text())
+    other["model"], other["accuracy"]["clean"] = "other", 0.5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["plot", str(output / "results.json"), str(tmp_path / "other.json"), str(natural_run), "--output-dir", str(tmp_path / "p")]) == 0
+    for name in ("eps_sweep.png", "tradeoff.png", "training_run.png"):
+        assert (tmp_path / "p" / name).stat().st_size > 1000
+
+
+def test_subset_is_deterministic(natural_run, tmp_path):
+    outputs = []
+    for i in range(2):
+        main(["eval", str(natural_run), "--dataset", "digits", "--n-examples", "30", "--attacks", "clean",
+              "--output", str(tmp_path / f"{i}.json")])
+        outputs.append(json.loads((tmp_path / f"{i}.json").read_text()))
+    assert outputs[0]["accuracy"] == outputs[1]["accuracy"] and outputs[0]["n_examples"] == 30
+
+
+def test_checkpoint_with_architecture_name(natural_run, tmp_path):
+    model = load_robust_model(natural_run)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.backbone.state_dict().items()}}, tmp_path / "ckpt.pth")
+    main(["eval", "cifar_resnet18", "--checkpoint", str(tmp_path / "ckpt.pth"), "--model-kwargs", "width=8",
+          "--dataset", "digits", "--n-examples", "30", "--attacks", "clean", "--output", str(tmp_path / "a.json")])
+    main(["eval", str(natural_run), "--dataset", "digits", "--n-examples", "30", "--attacks", "clean",
+          "--output", str(tmp_path / "b.json")])
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["accuracy"] == b["accuracy"]
+
+
+def test_gradient_masking_warnings():
+    assert gradient_masking_warnings({"clean": 0.9, "pgd20": 0.5, "pgd100": 0.45, "aa": 0.4}) == []
+    warnings = gradient_masking_warnings({"clean": 0.9, "pgd20": 0.5, "pgd100": 0.55, "aa": 0.6}, large_epsilon_accuracy=0.4)
+    assert any(w.startswith("pgd100") for w in warnings) and any(w.startswith("aa") for w in warnings)
+    assert any("64/255" in w for w in warnings)
+
+
+def test_unknown_attack_and_autoattack_on_two_classes(natural_run):
+    with pytest.raises(ValueError, match="unknown attack"):
+        main(["eval", str(natural_run), "--dataset", "digits", "--attacks", "clean,fgsm"])
+    two_classes = cure_hub.create_model("cifar_resnet18", num_classes=2, width=4)
+    batch = [(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match="at least 4 classes.*Use apgd-ce"):
+        evaluate_robustness(two_classes, batch, ["clean", "aa"], progress=False)
