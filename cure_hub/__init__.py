@@ -1,7 +1,24 @@
 """cure-hub: adversarially robust fine-tuning (CURE) for timm and Hugging Face vision models."""
 
+from .config import AttackConfig, DataConfig, MethodConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from .hub import export_run, load_robust_model, push_to_hub
 from .models import ModelSpec, RobustClassifier, create_model
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelSpec", "RobustClassifier", "create_model", "__version__"]
+__all__ = [
+    "AttackConfig",
+    "DataConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "ModelSpec",
+    "OptimConfig",
+    "RobustClassifier",
+    "RunConfig",
+    "TrainConfig",
+    "__version__",
+    "create_model",
+    "export_run",
+    "load_robust_model",
+    "push_to_hub",
+]

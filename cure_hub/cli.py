@@ -104,6 +104,31 @@ def _plot(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .hub import export_run
+
+    out = export_run(args.run_dir, args.out_dir, weights=args.weights, eval_results=args.eval_results,
+                     overwrite=args.overwrite, repo_id=args.repo_id)
+    print(f"exported {args.run_dir} ({args.weights} weights) to {out}")
+    return 0
+
+
+def _card(args: argparse.Namespace) -> int:
+    from .hub import rerender_card
+
+    print(f"wrote {rerender_card(args.dir, args.eval_results, args.repo_id)}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    url = push_to_hub(args.dir, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
+                      commit_message=args.commit_message, force=args.force)
+    print(f"pushed {args.dir} to {args.repo_id}: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cure-hub",
@@ -141,6 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("inputs", nargs="+", help="results.json files (ε sweep, trade-off) and run folders (training curves).")
     plot.add_argument("--output-dir", required=True)
     plot.set_defaults(run=_plot)
+    export = commands.add_parser("export", help="Export a training run as a Hub-ready folder with a model card.")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    export.add_argument("--weights", default="last", choices=("last", "best", "revision"))
+    export.add_argument("--eval-results", help="A `cure-hub eval` results JSON for the card (default: the run's own evaluation).")
+    export.add_argument("--repo-id", help="The Hub id the card's usage examples name.")
+    export.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
+    export.set_defaults(run=_export)
+    card = commands.add_parser("card", help="Re-render an export's model card (after a new evaluation).")
+    card.add_argument("dir")
+    card.add_argument("--eval-results", help="Replace the export's eval_results.json with this file first.")
+    card.add_argument("--repo-id")
+    card.set_defaults(run=_card)
+    push = commands.add_parser("push", help="Upload an export folder to the Hugging Face Hub.")
+    push.add_argument("dir")
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="Branch to push to.")
+    push.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing to the branch.")
+    push.add_argument("--commit-message")
+    push.add_argument("--force", action="store_true", help="Push over a repository that holds another architecture.")
+    push.set_defaults(run=_push)
     models = commands.add_parser("models", help="List the model names create_model accepts.")
     models.add_argument("pattern", nargs="?", default="*", help="Shell-style filter, e.g. 'vit_*'.")
     models.set_defaults(run=_models)
@@ -154,9 +201,15 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .hub import ExportError, HubPushError
+
     setup_logging()
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ExportError, HubPushError) as err:
+        print(f"cure-hub {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

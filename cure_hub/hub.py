@@ -74,3 +74,326 @@ def _load_export(location: str, config: dict, local: bool, revision: str | None 
         )
         return RobustClassifier(backbone, spec)
     return from_transformers_pretrained(location, num_classes=None, revision=revision)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+WEIGHT_CHOICES = {
+    "last": "the model at the end of training",
+    "best": "the checkpoint with the best PGD accuracy on the evaluation subset during training",
+    "revision": "CURE's revision model, the stochastic moving average of the trained model",
+}
+ATTACK_NAMES = {"clean": "Clean", "pgd20": "PGD-20", "pgd100": "PGD-100", "cw": "C&W (CW-inf)",
+                "aa": "AutoAttack", "aa-rand": "AutoAttack (rand)", "apgd-ce": "APGD-CE"}
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written (a bad run folder, or an output folder in the way)."""
+
+
+def save_pretrained(model: RobustClassifier, folder: str | os.PathLike) -> None:
+    """Write ``model`` in its library's Hub layout (weights and configuration only)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = model.spec
+    if spec.library == "timm":
+        _save_timm(model, folder)
+    else:
+        model.backbone.save_pretrained(folder, safe_serialization=True)
+        _image_processor(spec).save_pretrained(folder)
+
+
+def _save_timm(model: RobustClassifier, folder: Path) -> None:
+    from huggingface_hub import save_torch_state_dict
+    from timm.models._hub import save_config_for_hf
+
+    spec = model.spec
+    data_config = {"input_size": (3, spec.image_size, spec.image_size), "mean": tuple(spec.mean), "std": tuple(spec.std), "crop_pct": 1.0}
+    config_file = folder / "config.json"
+    save_config_for_hf(model.backbone, config_file, model_config={"label_names": list(spec.label_names or [])}, data_config=data_config)
+    config = _read_json(config_file)
+    # transformers' timm wrapper passes num_classes itself and fails on a second one in model_args.
+    config.get("model_args", {}).pop("num_classes", None)
+    config["label_names"] = list(spec.label_names or [str(i) for i in range(spec.num_classes)])
+    config_file.write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    save_torch_state_dict(state, folder, max_shard_size="50GB")
+
+
+def _image_processor(spec: ModelSpec):
+    from transformers import ViTImageProcessor
+
+    from .models import default_image_processor
+
+    processor = default_image_processor(spec.architecture) or ViTImageProcessor()
+    processor.image_mean, processor.image_std = list(spec.mean), list(spec.std)
+    processor.size = {"height": spec.image_size, "width": spec.image_size}
+    if hasattr(processor, "do_center_crop"):  # the model saw whole images at its size
+        processor.do_center_crop = False
+    return processor
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("cure-hub", "torch", "timm", "transformers", "accelerate", "huggingface-hub", "datasets"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _eval_results_from_run(run: Path, weights: str, config: dict) -> dict:
+    """The run's own evaluation of these weights, in the shape of ``cure-hub eval``'s results."""
+    metadata_file = run / "weights" / f"{weights}.json"
+    metadata = _read_json(metadata_file) if metadata_file.is_file() else {}
+    accuracy = {("clean" if k == "eval/clean_acc" else k.removeprefix("eval/").removesuffix("_acc")): v
+                for k, v in metadata.items() if k.startswith("eval/")}
+    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+    return {
+        "model": str(run),
+        "dataset": config["data"]["dataset"],
+        "split": config["data"]["eval_split"] or "test",
+        "n_examples": summary.get("eval_examples"),
+        "norm": config["attack"]["norm"],
+        "epsilon": config["attack"]["epsilon"],
+        "accuracy": accuracy,
+        "nrr": {},
+        "eps_sweep": {},
+        "warnings": [] if accuracy else [f"no evaluation of the {weights} weights was recorded during training"],
+        "source": "evaluation during training",
+    }
+
+
+def _epsilon_text(epsilon: float) -> str:
+    in_255 = epsilon * 255
+    return f"{in_255:g}/255" if abs(in_255 - round(in_255, 2)) < 1e-6 else f"{epsilon:g}"
+
+
+def robustbench_entry(spec: ModelSpec, results: dict, config: dict) -> dict:
+    """An entry in RobustBench's model-info shape."""
+    accuracy = results["accuracy"]
+    aa = accuracy.get("aa")
+    return {
+        "link": "",
+        "name": f"{config['method']['method'].upper()} {spec.architecture}",
+        "authors": "",
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": Path(results["dataset"]).name.split("/")[-1],
+        "venue": "",
+        "architecture": spec.architecture,
+        "threat_model": {"linf": "Linf", "l2": "L2"}[results["norm"]],
+        "eps": _epsilon_text(results["epsilon"]),
+        "clean_acc": f"{100 * accuracy['clean']:.2f}" if "clean" in accuracy else None,
+        "reported": "",
+        "autoattack_acc": f"{100 * aa:.2f}" if aa is not None else None,
+        "footnote": (f"Evaluated by cure-hub on {results['n_examples']} examples." if aa is not None
+                     else "Not evaluated with AutoAttack: run `cure-hub eval ... --attacks clean,aa` and re-render the card."),
+    }
+
+
+def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str | None = None):
+    """Render the model card of an export folder from ``model_cards/robust_model.md``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    folder = Path(folder)
+    name = repo_id or name or folder.name
+    training = _read_json(folder / "training_config.json")
+    results = _read_json(folder / "eval_results.json")
+    spec = ModelSpec.from_dict(training["model_spec"])
+    config, summary = training["config"], training.get("summary", {})
+    method = config["method"]["method"]
+    threat_model = f"{ {'linf': 'Linf', 'l2': 'L2'}[results['norm']] }-{_epsilon_text(results['epsilon'])}".replace(" ", "")
+    dataset = results["dataset"]
+    hub_dataset = dataset if _looks_like_hub_id(dataset) else None
+    eval_results = [
+        EvalResult(
+            task_type="image-classification", task_name="Image Classification",
+            dataset_type=hub_dataset or Path(dataset).name, dataset_name=Path(dataset).name, dataset_split=results["split"],
+            metric_type="accuracy", metric_name=f"{ATTACK_NAMES.get(name, name)} accuracy", metric_value=value,
+            metric_config=threat_model,
+            metric_args={"attack": name, "epsilon": results["epsilon"], "norm": results["norm"], "n_examples": results["n_examples"]},
+        )
+        for name, value in results["accuracy"].items()
+    ]
+    source = spec.source
+    card_data = ModelCardData(
+        library_name=spec.library,
+        pipeline_tag="image-classification",
+        license="apache-2.0",
+        tags=list(dict.fromkeys(["adversarial-robustness", "cure", method.replace("_", "-"), spec.library, "image-classification"])),
+        datasets=[hub_dataset] if hub_dataset else None,
+        base_model=source if source and _looks_like_hub_id(source) and not Path(source).exists() else None,
+        model_name=name,
+        eval_results=eval_results,
+    )
+    method_config = config["method"]
+    method_settings = {
+        "cure": f"p = {method_config['percentile']}, α = {method_config['alpha']}, γ = {method_config['gamma']}, "
+                f"β = {method_config['beta']}, r = {method_config['revision_rate']} ({method_config['revision_rate_schedule']}), "
+                f"d = {method_config['revision_decay']}",
+        "trades": f"β = {method_config['beta']}",
+        "mart": f"β = {method_config['beta']}",
+    }.get(method, "")
+    attack = config["attack"]
+    optim = config["optim"]
+    n = results["n_examples"] or 0
+    clean = results["accuracy"].get("clean", 0.5)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(_card_template()),
+        model_name=name,
+        repo_id=repo_id or "OWNER/NAME",
+        architecture=spec.architecture,
+        architecture_description=f"`{spec.architecture}` ({spec.library}, {spec.num_classes} classes)",
+        method_title={"cure": "CURE (Conserve-Update-Revise, ICLR 2024)", "trades": "TRADES", "mart": "MART",
+                      "pgd_at": "PGD adversarial training", "standard": "standard (non-adversarial) training"}[method],
+        method_settings=method_settings,
+        dataset=dataset,
+        split=results["split"],
+        image_size=spec.image_size,
+        mean=list(spec.mean), std=list(spec.std),
+        weights=training["weights"], weights_description=WEIGHT_CHOICES[training["weights"]],
+        n_examples=n, threat_model=threat_model, norm=results["norm"], epsilon_text=_epsilon_text(results["epsilon"]),
+        accuracy=results["accuracy"], nrr=results.get("nrr", {}), attack_names=ATTACK_NAMES,
+        attack_settings=f"ε = {_epsilon_text(attack['epsilon'])}, step {_epsilon_text(attack['step_size'])}, {attack['steps']} steps",
+        optimiser=f"{optim['optimizer'].upper()} (lr {optim['lr']}, {optim['lr_schedule']}, weight decay {optim['weight_decay']})",
+        steps=summary.get("steps", "?"), epochs=f"{summary.get('epochs', 0):.1f}", batch_size=optim["batch_size"],
+        starting_point=f"`{source}`" if source else ("natural warm-up of " + str(optim["warmup_epochs"]) + " epochs" if optim["warmup_epochs"] else "random initialisation"),
+        hardware=summary.get("hardware", "unknown"),
+        train_time=f"{summary.get('train_seconds', 0) / 60:.1f} minutes",
+        library_name=spec.library,
+        needs_cure_hub_import=spec.architecture.startswith("cifar_"),
+        has_autoattack=any(k.startswith("aa") for k in results["accuracy"]),
+        sampling_error=100 * 1.96 * (clean * (1 - clean) / max(n, 1)) ** 0.5,
+    )
+
+
+def _card_template() -> Path:
+    """``model_cards/robust_model.md``: in the source tree, or where the wheel installs it."""
+    import sys
+
+    for root in (Path(__file__).resolve().parents[1], Path(sys.prefix) / "share" / "cure-hub"):
+        if (template := root / "model_cards" / "robust_model.md").is_file():
+            return template
+    raise FileNotFoundError("model card template model_cards/robust_model.md not found; reinstall cure-hub")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/")) and not Path(text).exists()
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "last",
+               eval_results: str | os.PathLike | None = None, overwrite: bool = False, repo_id: str | None = None) -> Path:
+    """Export a training run as a Hub-ready folder: weights, config, model card, results.
+
+    Written to a temporary folder beside ``out_dir`` and renamed into place, so ``out_dir`` is
+    either absent or complete. A non-empty ``out_dir`` is refused unless ``overwrite``.
+    """
+    import shutil
+    import tempfile
+
+    import yaml
+
+    run, out = Path(run_dir), Path(out_dir)
+    if weights not in WEIGHT_CHOICES:
+        raise ExportError(f"weights must be one of {list(WEIGHT_CHOICES)}, got {weights!r}")
+    if not (run / "model_spec.json").is_file() or not (run / "config.yaml").is_file():
+        raise ExportError(f"{run} is not a training run folder (no model_spec.json / config.yaml)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} is not empty; pass --overwrite to replace it")
+    model = load_robust_model(run, weights=weights)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    results = _read_json(Path(eval_results)) if eval_results else _eval_results_from_run(run, weights, config)
+    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        save_pretrained(model, staging)
+        (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
+        training = {"weights": weights, "config": config, "model_spec": model.spec.to_dict(), "summary": summary,
+                    "versions": _package_versions(), "git_commit": summary.get("git_commit")}
+        (staging / "training_config.json").write_text(json.dumps(training, indent=2))
+        (staging / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, config), indent=2))
+        model_card(staging, repo_id, name=out.name).save(staging / "README.md")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def rerender_card(folder: str | os.PathLike, eval_results: str | os.PathLike | None = None, repo_id: str | None = None) -> Path:
+    """Re-render an export's card, after replacing its ``eval_results.json`` when one is given."""
+    folder = Path(folder)
+    if eval_results:
+        results = _read_json(Path(eval_results))
+        (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
+        training = _read_json(folder / "training_config.json")
+        spec = ModelSpec.from_dict(training["model_spec"])
+        (folder / "robustbench.json").write_text(json.dumps(robustbench_entry(spec, results, training["config"]), indent=2))
+    card = model_card(folder, repo_id)
+    card.save(folder / "README.md")
+    return folder / "README.md"
+
+
+# --------------------------------------------------------------------------------------------
+# Push
+
+class HubPushError(RuntimeError):
+    """The push was refused before anything was uploaded."""
+
+
+REQUIRED_EXPORT_FILES = ("config.json", "model.safetensors", "README.md", "eval_results.json")
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+                create_pr: bool = False, commit_message: str | None = None, force: bool = False, token: str | None = None) -> str:
+    """Upload an export folder to ``repo_id`` in one commit; returns the commit URL.
+
+    Refused, before anything is uploaded, when no token is found (``HF_TOKEN`` or ``hf auth login``),
+    when the token is read-only, when the folder is not a complete export, or when the repository
+    already holds a model of another architecture (unless ``force``). The token is never logged.
+    """
+    from huggingface_hub import HfApi, get_token, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    folder = Path(folder)
+    missing = [name for name in REQUIRED_EXPORT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise HubPushError(f"{folder} is not a complete export (missing {missing}); run `cure-hub export` first")
+    token = token or get_token()
+    if not token:
+        raise HubPushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+    api = HfApi(token=token)
+    role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise HubPushError("the Hugging Face token is read-only; create one with write access")
+    local = _read_json(folder / "config.json")
+    try:
+        remote = _read_json(Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token)))
+    except (RepositoryNotFoundError, EntryNotFoundError, RevisionNotFoundError):
+        remote = None
+    if remote is not None and not force:
+        def kind(cfg):
+            return cfg.get("architecture") or cfg.get("model_type")
+
+        if kind(remote) != kind(local):
+            raise HubPushError(
+                f"{repo_id} holds a {kind(remote)!r} model, not {kind(local)!r}; pass --force to push over it, or choose another --repo-id"
+            )
+    api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, revision=revision, create_pr=create_pr,
+        commit_message=commit_message or f"Upload robust model ({local.get('architecture') or local.get('model_type')}) with cure-hub",
+    )
+    return getattr(info, "commit_url", str(info))

@@ -114,6 +114,19 @@ class RobustClassifier(nn.Module):
             return self.backbone(pixel_values=normalised).logits
         return self.backbone(normalised)
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the model in its library's Hub layout (see :func:`cure_hub.hub.save_pretrained`)."""
+        from .hub import save_pretrained
+
+        save_pretrained(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, location: str | os.PathLike, revision: str | None = None) -> "RobustClassifier":
+        """Load from an export folder, a training run or a Hub id (:func:`cure_hub.load_robust_model`)."""
+        from .hub import load_robust_model
+
+        return load_robust_model(location, revision=revision)
+
     def classifier_parameter_names(self) -> list[str]:
         """Names (in this module's ``named_parameters``) of the classification head's parameters."""
         head = _classifier_module(self.backbone, self.spec.library)
@@ -198,6 +211,7 @@ def create_model(
         if model.spec.library == "transformers":
             model.backbone.config.id2label = dict(enumerate(label_names))
             model.backbone.config.label2id = {label: i for i, label in enumerate(label_names)}
+            model.spec.model_args = model.backbone.config.to_diff_dict()
     if mean is not None or std is not None:
         model = RobustClassifier(model.backbone, dataclasses.replace(
             model.spec, mean=tuple(mean or model.spec.mean), std=tuple(std or model.spec.std)))
@@ -287,8 +301,8 @@ def from_transformers_pretrained(name_or_path: str, num_classes: int | None, rev
     return _wrap_transformers(backbone, name_or_path, mean, std)
 
 
-def _default_processor_normalisation(model_type: str):
-    """Mean and std of the model type's image processor with its default settings, if any."""
+def default_image_processor(model_type: str):
+    """The model type's image processor with its default settings, if one can be made."""
     from transformers.models.auto.image_processing_auto import (
         IMAGE_PROCESSOR_MAPPING_NAMES,
         get_image_processor_class_from_name,
@@ -305,8 +319,14 @@ def _default_processor_normalisation(model_type: str):
         except Exception:  # some processors need extra packages to instantiate
             continue
         if getattr(processor, "image_mean", None) is not None:
-            return tuple(processor.image_mean), tuple(processor.image_std)
+            return processor
     return None
+
+
+def _default_processor_normalisation(model_type: str):
+    """Mean and std of the model type's default image processor, if any."""
+    processor = default_image_processor(model_type)
+    return (tuple(processor.image_mean), tuple(processor.image_std)) if processor else None
 
 
 def _wrap_transformers(backbone: nn.Module, source: str | None, mean=None, std=None) -> RobustClassifier:

@@ -278,6 +278,7 @@ class Trainer:
             clean.append(correct[0])
             robust.append(correct[1])
         model.train(was_training)
+        self.eval_examples = len(torch.cat(clean))
         clean, robust = torch.cat(clean).float().mean().item(), torch.cat(robust).float().mean().item()
         return {"eval/clean_acc": clean, f"eval/pgd{attack.steps}_acc": robust}
 
@@ -414,11 +415,36 @@ class Trainer:
             "best_pgd_accuracy": self.state.best_pgd_accuracy,
             "train_seconds": seconds,
             "hardware": _hardware(accelerator),
+            "eval_examples": self.eval_examples,
+            "git_commit": _git_commit(),
         }
         if accelerator.is_main_process:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._export_and_push(summary)
         accelerator.wait_for_everyone()
         return summary
+
+    def _export_and_push(self, summary: dict) -> None:
+        """The Hub-ready export of the last weights (``RUN_DIR/export``), pushed if asked."""
+        from .hub import export_run, push_to_hub
+
+        run = self.config.run
+        export = export_run(self.output_dir, self.output_dir / "export", weights="last", overwrite=True, repo_id=run.hub_model_id)
+        summary["export"] = str(export)
+        if run.push_to_hub:
+            summary["pushed"] = push_to_hub(export, run.hub_model_id)
+            logger.info("pushed %s to %s", export, run.hub_model_id)
+
+
+def _git_commit() -> str | None:
+    """The commit of the cure-hub checkout that trained the model, if it is one."""
+    import subprocess
+
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def _in_main_thread() -> bool:

@@ -1,0 +1,203 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from cure_hub.config import TrainConfig
+from cure_hub.hub import ExportError, export_run, load_robust_model
+from cure_hub.trainer import Trainer
+from hub_server import LoopbackHub
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+MODELS = {
+    "cifar": {"model": "cifar_resnet18", "model_kwargs": {"width": 4}},
+    "timm-vit": {"model": "vit_tiny", "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}},
+    "transformers-vit": {"model": "vit", "model_kwargs": {"hidden_size": 16, "num_hidden_layers": 1,
+                                                          "num_attention_heads": 2, "intermediate_size": 32}},
+}
+
+LOAD_SCRIPT = """
+import json, sys, torch
+import cure_hub, timm
+from huggingface_hub import ModelCard, hf_hub_download
+from transformers import AutoModelForImageClassification
+repo, library, out = sys.argv[1], sys.argv[2], sys.argv[3]
+x = torch.load(out + "/input.pt")
+results = {"cure_hub": cure_hub.load_robust_model(repo).eval()(x)}
+config = json.load(open(hf_hub_download(repo, "config.json")))
+if library == "timm":
+    model = timm.create_model("hf-hub:" + repo, pretrained=True).eval()
+    cfg = model.pretrained_cfg
+    normalised = (x - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    results["timm"] = model(normalised)
+else:
+    processor = json.load(open(hf_hub_download(repo, "preprocessor_config.json")))
+    normalised = (x - torch.tensor(processor["image_mean"]).view(1, -1, 1, 1)) / torch.tensor(processor["image_std"]).view(1, -1, 1, 1)
+hf = AutoModelForImageClassification.from_pretrained(repo).eval()
+results["transformers"] = hf(pixel_values=normalised).logits
+results["transformers_labels"] = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
+torch.save(results, out + "/logits.pt")
+open(out + "/README.md", "w").write(open(hf_hub_download(repo, "README.md")).read())
+"""
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with LoopbackHub() as server:
+        yield server
+
+
+def hub_env(hub, home, token="hf_write", **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update({"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1", **extra})
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def cli(args, env):
+    return subprocess.run([sys.executable, "-m", "cure_hub.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A few training steps of each kind of model; the trainer exports each to RUN_DIR/export."""
+    made = {}
+    for name, model in MODELS.items():
+        output = tmp_path_factory.mktemp(name) / "run"
+        config = TrainConfig.from_dict({
+            "model": model,
+            "data": {"dataset": "digits", "augment": False, "eval_subset": 20},
+            "method": {"method": "cure"},
+            "attack": {"steps": 2},
+            "optim": {"max_steps": 3, "batch_size": 16, "lr": 0.05},
+            "run": {"output_dir": str(output), "eval_attack_steps": 2},
+        })
+        Trainer(config).train()
+        made[name] = output
+    return made
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_round_trip_through_the_hub(kind, runs, hub, tmp_path):
+    run = runs[kind]
+    export = run / "export"
+    library = "transformers" if kind.startswith("transformers") else "timm"
+    expected_files = {"README.md", "config.json", "model.safetensors", "eval_results.json", "training_config.json", "robustbench.json"}
+    if library == "transformers":
+        expected_files.add("preprocessor_config.json")
+    assert expected_files <= {p.name for p in export.iterdir()}
+    assert not [p for p in export.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    if library == "timm":
+        config = json.loads((export / "config.json").read_text())
+        assert "num_classes" not in config.get("model_args", {}) and config["label_names"] == [str(i) for i in range(10)]
+
+    repo_id = f"tester/{kind}"
+    env = hub_env(hub, tmp_path / "home")
+    pushed = cli(["push", str(export), "--repo-id", repo_id], env)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    assert "hf_write" not in pushed.stdout + pushed.stderr
+
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "input.pt")
+    loaded = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, repo_id, library, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    logits = torch.load(tmp_path / "logits.pt")
+    with torch.no_grad():
+        expected = load_robust_model(run).eval()(x)
+    for source in ("cure_hub", "transformers", *(["timm"] if library == "timm" else [])):
+        torch.testing.assert_close(logits[source], expected, rtol=1e-4, atol=1e-5, msg=source)
+    assert logits["transformers_labels"] == [str(i) for i in range(10)]
+
+    card = ModelCard((tmp_path / "README.md").read_text(), ignore_metadata_errors=False)
+    eval_results = json.loads((export / "eval_results.json").read_text())
+    assert {r.metric_args["attack"]: r.metric_value for r in card.data.eval_results} == eval_results["accuracy"]
+    assert all(r.metric_config == "Linf-8/255" for r in card.data.eval_results)
+    assert card.data.library_name == library and "adversarial-robustness" in card.data.tags
+    assert "hf_write" not in (tmp_path / "README.md").read_text()
+
+
+def test_offline_mode_loads_from_the_cache(runs, hub, tmp_path):
+    env = hub_env(hub, tmp_path / "home")
+    assert cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/offline"], env).returncode == 0
+    code = "import cure_hub; print(cure_hub.load_robust_model('tester/offline').spec.architecture)"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert first.stdout.strip() == "cifar_resnet18", first.stderr[-2000:]
+    requests_before = len(hub.state.requests)
+    offline = subprocess.run([sys.executable, "-c", code], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert offline.stdout.strip() == "cifar_resnet18", offline.stderr[-2000:]
+    assert len(hub.state.requests) == requests_before
+
+
+def test_push_errors_come_before_any_upload(runs, hub, tmp_path):
+    home = tmp_path / "home"
+    no_token = cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/errors"], hub_env(hub, home, token=None))
+    assert no_token.returncode == 1 and "no Hugging Face token" in no_token.stderr
+    read_only = cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/errors"], hub_env(hub, home, token="hf_read"))
+    assert read_only.returncode == 1 and "read-only" in read_only.stderr
+    assert "tester/errors" not in hub.state.repos
+
+    env = hub_env(hub, home)
+    assert cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/errors"], env).returncode == 0
+    commits = len(hub.state.repos["tester/errors"].commits)
+    other = cli(["push", str(runs["transformers-vit"] / "export"), "--repo-id", "tester/errors"], env)
+    assert other.returncode == 1 and "holds a 'cifar_resnet18' model, not 'vit'" in other.stderr and "--force" in other.stderr
+    assert len(hub.state.repos["tester/errors"].commits) == commits
+    assert cli(["push", str(runs["transformers-vit"] / "export"), "--repo-id", "tester/errors", "--force"], env).returncode == 0
+    assert len(hub.state.repos["tester/errors"].commits) == commits + 1
+
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text("{}")
+    result = cli(["push", str(incomplete), "--repo-id", "tester/errors"], env)
+    assert result.returncode == 1 and "not a complete export" in result.stderr
+
+
+def test_private_repo_and_pull_request(runs, hub, tmp_path):
+    env = hub_env(hub, tmp_path / "home")
+    assert cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/private", "--private"], env).returncode == 0
+    repo = hub.state.repos["tester/private"]
+    assert repo.private
+    main_head = repo.refs["main"]
+    pr = cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/private", "--create-pr", "--commit-message", "retrained"], env)
+    assert pr.returncode == 0, pr.stderr[-2000:]
+    assert repo.refs["main"] == main_head and "refs/pr/1" in repo.refs
+
+
+def test_export_refuses_a_non_empty_folder_and_leaves_nothing_partial(runs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty; pass --overwrite"):
+        export_run(runs["cifar"], out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(ExportError, match="no 'revision' weights|weights"):
+        export_run(runs["cifar"], tmp_path / "rev", weights="nonsense")
+    export_run(runs["cifar"], out, weights="revision", overwrite=True)
+    assert not (out / "keep.txt").exists()
+    assert json.loads((out / "training_config.json").read_text())["weights"] == "revision"
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    entry = json.loads((out / "robustbench.json").read_text())
+    assert entry["eps"] == "8/255" and entry["additional_data"] is False and entry["threat_model"] == "Linf"
+
+
+def test_card_command_rerenders_after_a_new_evaluation(runs, tmp_path):
+    out = export_run(runs["cifar"], tmp_path / "export")
+    results = json.loads((out / "eval_results.json").read_text())
+    results["accuracy"] = {"clean": 0.5, "pgd20": 0.25, "aa": 0.2}
+    results["nrr"] = {"aa": 2 * 0.5 * 0.2 / 0.7}
+    (tmp_path / "new.json").write_text(json.dumps(results))
+    done = subprocess.run([sys.executable, "-m", "cure_hub.cli", "card", str(out), "--eval-results", str(tmp_path / "new.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = ModelCard((out / "README.md").read_text(), ignore_metadata_errors=False)
+    assert {r.metric_args["attack"]: r.metric_value for r in card.data.eval_results} == results["accuracy"]
+    assert json.loads((out / "robustbench.json").read_text())["autoattack_acc"] == "20.00"
