@@ -3,22 +3,25 @@
 Every method trains the same model on the same batch with the same attack. Steps are timed
 round-robin (one step of each method in turn, after a warm-up), so slow drifts of the machine
 touch every method alike, and the median is reported. Peak memory is the CUDA allocator's peak on
-a GPU; on a CPU it is the peak resident memory of a fresh process that runs two steps of that
-method alone (skipped by --quick).
+a GPU; on a CPU, the rise of the process's peak resident memory over one step (Linux resets the
+peak through /proc/self/clear_refs). ``--breakdown`` profiles one CURE step and splits its time
+into the parts CURE adds to TRADES (the labels in cure_hub/methods/cure.py).
 
     python benchmarks/step_cost.py --quick
-    python benchmarks/step_cost.py --width 64 --batch-size 128 --repeats 7
+    python benchmarks/step_cost.py --width 64 --batch-size 128 --repeats 7 --breakdown
+    python benchmarks/step_cost.py --model vit_small --batch-size 128 --breakdown
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import multiprocessing
-import resource
+import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,30 +61,48 @@ def batch(args):
     return images.to(args.device), labels.to(args.device)
 
 
-def peak_memory_of(args, method_name: str, queue) -> None:
-    model, method, optimizer = build(args, method_name)
+def _peak_rss_mib() -> float:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def _rss_mib() -> float:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def measure_memory(args, setup, step: int) -> float | None:
+    """Peak memory one training step adds, in MiB (CUDA allocator, or resident memory on Linux)."""
+    model, method, optimizer = setup
     images, labels = batch(args)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for step in range(2):
-        train_step(model, method, optimizer, images, labels, step)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)  # KiB -> MiB
-
-
-def measure_memory(args, method_name: str) -> float:
+    gc.collect()
     if args.device.startswith("cuda"):
-        model, method, optimizer = build(args, method_name)
-        images, labels = batch(args)
         torch.cuda.reset_peak_memory_stats()
-        for step in range(2):
-            train_step(model, method, optimizer, images, labels, step)
-        return torch.cuda.max_memory_allocated() / 2**20
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=peak_memory_of, args=(args, method_name, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+        base = torch.cuda.memory_allocated()
+        train_step(model, method, optimizer, images, labels, step)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    base = _rss_mib()
+    train_step(model, method, optimizer, images, labels, step)
+    return _peak_rss_mib() - base
+
+
+def cure_breakdown(args, setup) -> dict[str, float]:
+    """Seconds of one CURE step spent in each labelled part."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, method, optimizer = setup
+    images, labels = batch(args)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train_step(model, method, optimizer, images, labels, 0)
+        synchronise(args.device)
+    total = time.perf_counter() - start
+    parts = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("cure.")}
+    parts["rest (backward of L, optimiser)"] = total - sum(parts.values())
+    return parts
 
 
 def main(argv=None) -> int:
@@ -94,11 +115,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps per method (median reported).")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="Width 16, 3 repeats, no memory: under a minute on 2 cores.")
+    parser.add_argument("--quick", action="store_true", help="Width 16, 3 repeats: under a minute on 2 cores.")
+    parser.add_argument("--breakdown", action="store_true", help="Also split one CURE step into its parts.")
     parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args(argv)
     if args.quick:
         args.width, args.repeats = 16, 3
+    torch.manual_seed(0)
     methods = args.methods.split(",")
     if "trades" not in methods:
         parser.error("--methods must include trades, the reference of the ratios")
@@ -115,16 +138,23 @@ def main(argv=None) -> int:
             if repeat:
                 times[name].append(time.perf_counter() - start)
 
-    print(f"# {args.model} width {args.width}, batch {args.batch_size}, {args.attack_steps} attack steps, "
+    width = f" width {args.width}" if args.model.startswith("cifar_resnet") else ""
+    print(f"# {args.model}{width} at {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.attack_steps} attack steps, "
           f"{args.device}, {torch.get_num_threads()} threads, median of {args.repeats}")
     reference = statistics.median(times["trades"])
     results = {}
     for name in methods:
         seconds = statistics.median(times[name])
-        memory = None if args.quick else measure_memory(args, name)
+        memory = measure_memory(args, setups[name], args.repeats + 1)
         results[name] = {"seconds_per_step": seconds, "peak_memory_mib": memory, "relative_to_trades": seconds / reference}
-        memory_text = "" if memory is None else f"  peak memory {memory:8.1f} MiB"
+        memory_text = "" if memory is None else f"  peak memory +{memory:7.1f} MiB"
         print(f"{name:10s} {seconds:8.3f} s/step{memory_text}  {seconds / reference:.2f}x")
+    if args.breakdown and "cure" in setups:
+        parts = cure_breakdown(args, setups["cure"])
+        results["cure_breakdown_seconds"] = parts
+        print("# one CURE step, by part (profiled, so a little slower than above):")
+        for part, seconds in parts.items():
+            print(f"#   {part:34s} {seconds:7.3f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "results": results}, f, indent=2)

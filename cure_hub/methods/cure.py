@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from ..attacks import module_mode
 from ..losses import kl_divergence
@@ -122,15 +123,19 @@ class CURE(Method):
 
     # ---- Eqs. 4, 5, 6 and the objective -----------------------------------------------------
     def compute_loss(self, model, images, labels) -> StepOutput:
+        # The record_function labels cost nothing unless a profiler runs (benchmarks/step_cost.py).
         config = self.config
-        adversarial = self.adversarial_examples(model, images, labels, loss="kl")  # Eq. 4
-        logits, adv_logits = model(images), model(adversarial)
+        with record_function("cure.attack"):
+            adversarial = self.adversarial_examples(model, images, labels, loss="kl")  # Eq. 4
+        with record_function("cure.forward"):
+            logits, adv_logits = model(images), model(adversarial)
         natural_ce = F.cross_entropy(logits.float(), labels)
         robust_kl = kl_divergence(logits, adv_logits)
         loss = natural_ce + config.beta * robust_kl  # Eq. 5
         metrics = {"clean_acc": accuracy(logits, labels), "adv_acc": accuracy(adv_logits, labels), "kl": robust_kl.detach()}
         if self.revision_model is not None and config.gamma > 0:
-            consistency = self.consistency_loss(images, adversarial, logits, adv_logits)
+            with record_function("cure.revision_forward"):
+                consistency = self.consistency_loss(images, adversarial, logits, adv_logits)
             loss = loss + config.gamma * consistency
             metrics["consistency"] = consistency.detach()
         metrics["loss"] = loss.detach()
@@ -139,10 +144,11 @@ class CURE(Method):
                 adversarial_term = F.cross_entropy(adv_logits.float(), labels)
             else:  # official code: the TRADES KL term, through both branches
                 adversarial_term = robust_kl
-            grads = [
-                *_grads(natural_ce, self.masked_params),
-                *_grads(adversarial_term, self.masked_params),
-            ]
+            with record_function("cure.rgp_gradients"):
+                grads = [
+                    *_grads(natural_ce, self.masked_params),
+                    *_grads(adversarial_term, self.masked_params),
+                ]
             self._rgp_grads = grads if self._rgp_grads is None else [a.add_(b) for a, b in zip(self._rgp_grads, grads)]
         return StepOutput(loss, metrics)
 
@@ -152,6 +158,10 @@ class CURE(Method):
             return {}
         if self._rgp_grads is None:
             raise RuntimeError("before_optimizer_step called before compute_loss")
+        with record_function("cure.mask"):
+            return self._mask_gradients()
+
+    def _mask_gradients(self) -> dict[str, torch.Tensor]:
         grads = _all_reduce_sum(self._rgp_grads)
         self._rgp_grads = None
         count = len(self.masked_params)
@@ -164,7 +174,7 @@ class CURE(Method):
                 g_nat, g_adv = g_nat.abs_(), g_adv.abs_()
             score = g_nat.mul_(alpha).add_(g_adv, alpha=1 - alpha)
             grad_magnitude.append(param.grad.norm(1) / param.numel())
-            param.grad.mul_(prominence_mask(score, self.config.percentile))
+            param.grad.masked_fill_(prominence_mask(score, self.config.percentile).logical_not_(), 0.0)
             updated_share.append(torch.count_nonzero(param.grad) / param.numel())
         self.last_mask_statistics = {"updated_share": torch.stack(updated_share), "grad_magnitude": torch.stack(grad_magnitude)}
         return {"updated_share": self.last_mask_statistics["updated_share"].mean()}
@@ -184,6 +194,7 @@ class CURE(Method):
         return revision_rate_at(step, self.total_steps, c.revision_rate, c.revision_rate_min, c.revision_rate_schedule)
 
     @torch.no_grad()
+    @record_function("cure.revision_update")
     def after_optimizer_step(self, model, step: int) -> None:
         if self.revision_model is None:
             return
