@@ -301,6 +301,8 @@ class Trainer:
                     method = self.active_method
                     if config.data.augment:
                         images = random_crop_flip(images, self.augment_generator)
+                    if accelerator.scaler is not None:  # fp16: CURE's own gradients need the same scaling
+                        method.gradient_scale = accelerator.scaler.get_scale()
                     with accelerator.accumulate(self.model), accelerator.autocast():
                         output = method.compute_loss(self.model, images, labels)
                         accelerator.backward(output.loss)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -105,6 +106,21 @@ def test_gradient_accumulation_runs_every_method_step_count(tmp_path):
     config = tiny_config(tmp_path / "run", optim={"gradient_accumulation_steps": 2, "batch_size": 8})
     summary = Trainer(config).train()
     assert summary["steps"] == 4
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    """In its own process: Accelerate's mixed-precision setting is fixed once per process."""
+    command = [
+        sys.executable, str(REPO / "cure_hub" / "train.py"), "--model", "cifar_resnet18", "--model-kwargs", "width=4",
+        "--dataset", "digits", "--max-steps", "2", "--batch-size", "16", "--steps", "2", "--eval-subset", "20",
+        "--eval-attack-steps", "2", "--log-every-steps", "1", "--mixed-precision", "bf16", "--output-dir", str(tmp_path / "run"),
+    ]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    assert all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["mixed_precision"] == "bf16"
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

@@ -54,6 +54,8 @@ class Method:
         self.attack = attack if attack.random_start else dataclasses.replace(attack, random_start=self.default_random_start)
         #: Draws the attacks' random starts; the global RNG when None. The trainer sets and checkpoints it.
         self.generator: torch.Generator | None = None
+        #: Factor for losses a method differentiates itself; the trainer sets fp16's loss scale here.
+        self.gradient_scale: float = 1.0
 
     def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
         """Called once before training with the (unwrapped) model and the number of optimiser steps."""
@@ -76,3 +78,21 @@ class Method:
 
     def adversarial_examples(self, model: nn.Module, images, labels, loss: AttackLoss) -> torch.Tensor:
         return pgd_attack(unwrap(model), images, labels, self.attack, loss=loss, generator=self.generator)
+
+
+class CleanAndAdversarialMethod(Method):
+    """A method whose loss compares the model on clean and adversarial images (TRADES, MART):
+    ``objective(f(x), f(x_adv), y, beta)`` with x_adv from the ``attack_loss`` attack."""
+
+    attack_loss: ClassVar[AttackLoss]
+
+    @staticmethod
+    def objective(clean_logits, adv_logits, labels, beta: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_loss(self, model, images, labels) -> StepOutput:
+        adversarial = self.adversarial_examples(model, images, labels, loss=self.attack_loss)
+        logits, adv_logits = model(images), model(adversarial)
+        loss = self.objective(logits, adv_logits, labels, self.config.beta)
+        metrics = {"loss": loss.detach(), "clean_acc": accuracy(logits, labels), "adv_acc": accuracy(adv_logits, labels)}
+        return StepOutput(loss, metrics)

@@ -144,10 +144,12 @@ class CURE(Method):
                 adversarial_term = F.cross_entropy(adv_logits.float(), labels)
             else:  # official code: the TRADES KL term, through both branches
                 adversarial_term = robust_kl
+            # Scaled like the fp16 backward of L, so these gradients do not underflow either; a
+            # percentile mask does not change when a score is scaled.
             with record_function("cure.rgp_gradients"):
                 grads = [
-                    *_grads(natural_ce, self.masked_params),
-                    *_grads(adversarial_term, self.masked_params),
+                    *_grads(natural_ce * self.gradient_scale, self.masked_params),
+                    *_grads(adversarial_term * self.gradient_scale, self.masked_params),
                 ]
             self._rgp_grads = grads if self._rgp_grads is None else [a.add_(b) for a, b in zip(self._rgp_grads, grads)]
         return StepOutput(loss, metrics)

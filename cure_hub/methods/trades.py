@@ -2,15 +2,10 @@
 from the KL attack."""
 
 from ..losses import trades_loss
-from .base import Method, StepOutput, accuracy
+from .base import CleanAndAdversarialMethod
 
 
-class TRADES(Method):
+class TRADES(CleanAndAdversarialMethod):
     name = "trades"
-
-    def compute_loss(self, model, images, labels) -> StepOutput:
-        adversarial = self.adversarial_examples(model, images, labels, loss="kl")
-        logits, adv_logits = model(images), model(adversarial)
-        loss = trades_loss(logits, adv_logits, labels, self.config.beta)
-        metrics = {"loss": loss.detach(), "clean_acc": accuracy(logits, labels), "adv_acc": accuracy(adv_logits, labels)}
-        return StepOutput(loss, metrics)
+    attack_loss = "kl"
+    objective = staticmethod(trades_loss)
