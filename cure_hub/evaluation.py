@@ -15,6 +15,8 @@ from .config import AttackConfig
 
 logger = logging.getLogger(__name__)
 
+#: How AutoAttack, RobustBench and model cards name the norms.
+NORM_NAMES = {"linf": "Linf", "l2": "L2"}
 #: ε values of the sweep, in units of 1/255 (the paper's Figure 5b).
 EPS_SWEEP = (0.25, 0.5, 1, 2, 4, 8)
 #: A radius at which an honest l-inf attack leaves (almost) nothing standing: every pixel may move
@@ -79,7 +81,7 @@ def _autoattack(spec: AttackSpec, epsilon: float, norm: str, device, seed: int) 
 
     def run(model, images, labels):
         kwargs = {"attacks": list(spec.autoattack_attacks)} if spec.autoattack_attacks else {}
-        adversary = AutoAttack(model, device=device, eps=epsilon, norm={"linf": "Linf", "l2": "L2"}[norm],
+        adversary = AutoAttack(model, device=device, eps=epsilon, norm=NORM_NAMES[norm],
                                seed=seed, version=spec.autoattack_version, **kwargs)
         adversary.verbose = False
         adversarial, _ = adversary.run_standard_evaluation(images, labels, batch_size=len(images))

@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+from .evaluation import NORM_NAMES
 from .models import ModelSpec, RobustClassifier, from_transformers_pretrained, model_from_spec
 
 
@@ -186,7 +187,7 @@ def robustbench_entry(spec: ModelSpec, results: dict, config: dict) -> dict:
         "dataset": Path(results["dataset"]).name.split("/")[-1],
         "venue": "",
         "architecture": spec.architecture,
-        "threat_model": {"linf": "Linf", "l2": "L2"}[results["norm"]],
+        "threat_model": NORM_NAMES[results["norm"]],
         "eps": _epsilon_text(results["epsilon"]),
         "clean_acc": f"{100 * accuracy['clean']:.2f}" if "clean" in accuracy else None,
         "reported": "",
@@ -207,7 +208,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
     spec = ModelSpec.from_dict(training["model_spec"])
     config, summary = training["config"], training.get("summary", {})
     method = config["method"]["method"]
-    threat_model = f"{ {'linf': 'Linf', 'l2': 'L2'}[results['norm']] }-{_epsilon_text(results['epsilon'])}".replace(" ", "")
+    threat_model = f"{NORM_NAMES[results['norm']]}-{_epsilon_text(results['epsilon'])}"
     dataset = results["dataset"]
     hub_dataset = dataset if _looks_like_hub_id(dataset) else None
     eval_results = [

@@ -15,7 +15,6 @@ import hashlib
 import json
 import threading
 import urllib.parse
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
