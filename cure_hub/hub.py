@@ -44,23 +44,24 @@ def load_robust_model(location: str | os.PathLike, revision: str | None = None, 
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is neither a run folder (model_spec.json) nor an export (config.json)")
-        return _load_export(str(path), _read_json(config_file), local=True)
+        return load_export(str(path), _read_json(config_file), local=True)
     if path.suffix or str(location).startswith((".", "/")):
         raise FileNotFoundError(f"no model at {location!r}")
     from huggingface_hub import hf_hub_download
 
     config_file = hf_hub_download(str(location), "config.json", revision=revision)
-    return _load_export(str(location), _read_json(Path(config_file)), local=False, revision=revision)
+    return load_export(str(location), _read_json(Path(config_file)), local=False, revision=revision)
 
 
-def _load_export(location: str, config: dict, local: bool, revision: str | None = None) -> RobustClassifier:
-    if "architecture" in config:  # timm layout
+def load_export(location: str, config: dict, local: bool, revision: str | None = None,
+                num_classes: int | None = None) -> RobustClassifier:
+    """An export (folder or Hub id) whose ``config.json`` is ``config``; ``num_classes``, when it
+    differs from the export's, gives a new, untrained head."""
+    if "architecture" in config:  # timm layout (models.py has registered the CIFAR architectures)
         import timm
 
-        from . import architectures  # noqa: F401  (the CIFAR architectures must be registered)
-
         name = f"local-dir:{location}" if local else f"hf-hub:{location}" + (f"@{revision}" if revision else "")
-        backbone = timm.create_model(name, pretrained=True)
+        backbone = timm.create_model(name, pretrained=True, num_classes=num_classes)
         cfg = backbone.pretrained_cfg
         spec = ModelSpec(
             library="timm",
@@ -74,7 +75,7 @@ def _load_export(location: str, config: dict, local: bool, revision: str | None 
             source=None if local else location,
         )
         return RobustClassifier(backbone, spec)
-    return from_transformers_pretrained(location, num_classes=None, revision=revision)
+    return from_transformers_pretrained(location, num_classes=num_classes, revision=revision)
 
 
 # --------------------------------------------------------------------------------------------

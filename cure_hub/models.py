@@ -357,8 +357,10 @@ def _create_from_path(path: Path, num_classes, image_size, pretrained: bool, **k
             "(to load a state dict, pass an architecture name and checkpoint=...)"
         )
     config = json.loads(config_file.read_text())
-    if "architecture" in config:  # timm's Hub layout
-        return _create_timm(f"local-dir:{config_file.parent}", num_classes, image_size, pretrained=True)
+    if "architecture" in config:  # timm's Hub layout, as cure-hub exports it
+        from .hub import load_export
+
+        return load_export(str(config_file.parent), config, local=True, num_classes=num_classes)
     if "model_type" not in config:
         raise UnknownModelError(f"{config_file} has neither timm's 'architecture' nor transformers' 'model_type'")
     if path.is_dir() and any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):

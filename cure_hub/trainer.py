@@ -144,9 +144,7 @@ class Trainer:
         self._check_output_dir()
         set_seed(config.optim.seed)
         data = load_data(config.data)
-        self.data = data
         model = build_model(config, data.num_classes, data.image_size, data.class_names)
-        self.spec = model.spec
         if config.method.method == "cure" and not (config.model.init_from or config.model.pretrained or config.optim.warmup_epochs):
             logger.warning(
                 "CURE from random weights: the method assumes a naturally trained start. Pass "
@@ -189,7 +187,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "config.yaml", "w") as f:
                 yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-            (self.output_dir / "model_spec.json").write_text(json.dumps(self.spec.to_dict(), indent=2))
+            (self.output_dir / "model_spec.json").write_text(json.dumps(model.spec.to_dict(), indent=2))
         if config.run.report_to != "none":
             accelerator.init_trackers(self.output_dir.name, config=_flatten(config.to_dict()))
 
@@ -278,9 +276,9 @@ class Trainer:
             clean.append(correct[0])
             robust.append(correct[1])
         model.train(was_training)
-        self.eval_examples = len(torch.cat(clean))
-        clean, robust = torch.cat(clean).float().mean().item(), torch.cat(robust).float().mean().item()
-        return {"eval/clean_acc": clean, f"eval/pgd{attack.steps}_acc": robust}
+        clean, robust = torch.cat(clean), torch.cat(robust)
+        self.eval_examples = len(clean)
+        return {"eval/clean_acc": clean.float().mean().item(), f"eval/pgd{attack.steps}_acc": robust.float().mean().item()}
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> dict:
@@ -290,7 +288,7 @@ class Trainer:
         accelerator, config, state = self.accelerator, self.config, self.state
         previous_handler = signal.signal(signal.SIGINT, self._request_stop) if _in_main_thread() else None
         progress = tqdm(total=self.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
-        started, images_seen, last_eval = time.perf_counter(), 0, {}
+        started, images_seen = time.perf_counter(), 0
         self.model.train()
         try:
             while state.step < self.total_steps:
@@ -329,7 +327,7 @@ class Trainer:
                     state.epoch += 1
                     state.batches_done_in_epoch = 0
                     if state.epoch % config.run.eval_every_epochs == 0 and state.step < self.total_steps:
-                        last_eval = self._evaluate_and_keep_best()
+                        self._evaluate_and_keep_best()
                     self.save_checkpoint()
                     continue
                 break
