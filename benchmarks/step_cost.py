@@ -2,7 +2,9 @@
 
 Every method trains the same model on the same batch with the same attack. Steps are timed
 round-robin (one step of each method in turn, after a warm-up), so slow drifts of the machine
-touch every method alike, and the median is reported. Peak memory is the CUDA allocator's peak on
+touch every method alike; the median is reported, and the ratio to TRADES is the median of the
+per-round ratios. On a CPU the process keeps its freed heap memory, as the trainer does
+(``cure_hub.trainer.keep_freed_heap_memory``; ``--default-allocator`` measures without). Peak memory is the CUDA allocator's peak on
 a GPU; on a CPU, the rise of the process's peak resident memory over one step (Linux resets the
 peak through /proc/self/clear_refs). ``--breakdown`` profiles one CURE step and splits its time
 into the parts CURE adds to TRADES (the labels in cure_hub/methods/cure.py).
@@ -29,6 +31,7 @@ import torch
 import cure_hub
 from cure_hub.config import METHODS, AttackConfig, MethodConfig
 from cure_hub.methods import build_method
+from cure_hub.trainer import keep_freed_heap_memory
 
 
 def build(args, method_name: str):
@@ -37,6 +40,7 @@ def build(args, method_name: str):
     model = cure_hub.create_model(args.model, num_classes=10, image_size=args.image_size, **kwargs).to(args.device)
     method = build_method(MethodConfig(method=method_name), AttackConfig(steps=args.attack_steps))
     method.setup(model, total_steps=1000)
+    method.record_statistics = False  # as on the steps the trainer does not log
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     return model, method, optimizer
 
@@ -119,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="Width 16, 3 repeats: under a minute on 2 cores.")
     parser.add_argument("--breakdown", action="store_true", help="Also split one CURE step into its parts.")
+    parser.add_argument("--default-allocator", action="store_true", help="Leave glibc's heap trimming on (the trainer turns it off on a CPU).")
     parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args(argv)
     if args.quick:
@@ -128,6 +133,8 @@ def main(argv=None) -> int:
     if "trades" not in methods:
         parser.error("--methods must include trades, the reference of the ratios")
 
+    if args.device == "cpu" and not args.default_allocator:
+        keep_freed_heap_memory()
     images, labels = batch(args)
     setups = {name: build(args, name) for name in methods}
     times = {name: [] for name in methods}
@@ -143,14 +150,14 @@ def main(argv=None) -> int:
     width = f" width {args.width}" if args.model.startswith("cifar_resnet") else ""
     print(f"# {args.model}{width} at {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.attack_steps} attack steps, "
           f"{args.device}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    reference = statistics.median(times["trades"])
     results = {}
     for name in methods:
         seconds = statistics.median(times[name])
+        ratio = statistics.median(t / r for t, r in zip(times[name], times["trades"]))
         memory = measure_memory(args, setups[name], args.repeats + 1)
-        results[name] = {"seconds_per_step": seconds, "peak_memory_mib": memory, "relative_to_trades": seconds / reference}
+        results[name] = {"seconds_per_step": seconds, "peak_memory_mib": memory, "relative_to_trades": ratio}
         memory_text = "" if memory is None else f"  peak memory +{memory:7.1f} MiB"
-        print(f"{name:10s} {seconds:8.3f} s/step{memory_text}  {seconds / reference:.2f}x")
+        print(f"{name:10s} {seconds:8.3f} s/step{memory_text}  {ratio:.2f}x")
     if args.breakdown and "cure" in setups:
         parts = cure_breakdown(args, setups["cure"])
         results["cure_breakdown_seconds"] = parts

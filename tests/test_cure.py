@@ -8,7 +8,7 @@ import torch
 import cure_hub
 from cure_hub.config import AttackConfig, MethodConfig
 from cure_hub.methods import build_method
-from cure_hub.methods.cure import masked_parameter_names, prominence_mask, revision_rate_at
+from cure_hub.methods.cure import _keep_mask_without_synchronisation, masked_parameter_names, prominence_mask, revision_rate_at
 from helpers import pgd_accuracy, robust_vs_fragile_task, tiny_model, train_naturally
 
 
@@ -39,9 +39,35 @@ def test_prominence_mask_breaks_ties_by_position(percent):
     assert prominence_mask(constant, 30).tolist() == [False] * 3 + [True] * 7
 
 
-def test_prominence_mask_beyond_torch_quantile_limit():
+def mask_without_synchronisation(score: torch.Tensor, percent: float) -> torch.Tensor:
+    """The accelerator path of prominence_mask, which a CPU tensor of this size would not take."""
+    conserved = math.floor(percent * score.numel() / 100)
+    return _keep_mask_without_synchronisation(score.reshape(-1), conserved).view_as(score)
+
+
+@pytest.mark.parametrize("implementation", [prominence_mask, mask_without_synchronisation])
+@pytest.mark.parametrize("kind", ["ties", "sorted", "reversed", "constant", "mostly_zero", "periodic"])
+@pytest.mark.parametrize("percent", [0.01, 30.0, 70.0])
+def test_prominence_mask_on_large_structured_scores(implementation, kind, percent):
+    """Large enough for the sampled selection on a CPU; inputs built to mislead a sample."""
+    size = 200_000
+    generator = torch.Generator().manual_seed(4)
+    positions = torch.arange(size)
+    score = {
+        "ties": torch.randint(0, 4, (size,), generator=generator).float(),
+        "sorted": positions.float(),
+        "reversed": positions.flip(0).float(),
+        "constant": torch.ones(size),
+        "mostly_zero": torch.rand(size, generator=generator) * (torch.rand(size, generator=generator) < 0.1),
+        "periodic": torch.rand(size, generator=generator) + 5.0 * (positions % 9 == 0),  # a 3x3 kernel's corner
+    }[kind]
+    np.testing.assert_array_equal(implementation(score, percent).numpy(), reference_mask(score.numpy(), percent))
+
+
+@pytest.mark.parametrize("implementation", [prominence_mask, mask_without_synchronisation])
+def test_prominence_mask_beyond_torch_quantile_limit(implementation):
     score = torch.rand(17_000_000, generator=torch.Generator().manual_seed(2))
-    keep = prominence_mask(score, 30)
+    keep = implementation(score, 30)
     assert (~keep).sum().item() == math.floor(0.3 * score.numel())
     assert score[~keep].max() <= score[keep].min()
 
@@ -81,6 +107,34 @@ def test_conserved_weights_do_not_move_without_momentum_and_weight_decay():
         keep = expected[name]
         assert not moved[~keep].any(), f"a conserved entry of {name} moved"
         assert moved[keep].float().mean() > 0.95, f"updated entries of {name} did not move"
+
+
+def test_layer_statistics_are_exact_and_recorded_only_when_asked():
+    model = tiny_model()
+    images, labels = robust_vs_fragile_task(32)
+    method = build_method(MethodConfig(method="cure", percentile=30), AttackConfig(steps=1))
+    method.setup(model, total_steps=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method.compute_loss(model, images, labels).loss.backward()
+    unmasked = {n: p.grad.clone() for n, p in model.named_parameters()}
+    metrics = method.before_optimizer_step(model)
+    statistics = method.layer_statistics()
+    assert list(statistics) == method.masked_names
+    for name, param in model.named_parameters():
+        if name not in statistics:
+            continue
+        assert statistics[name]["grad_magnitude"] == pytest.approx(unmasked[name].abs().mean().item(), rel=1e-5)
+        assert statistics[name]["updated_share"] == pytest.approx((param.grad != 0).float().mean().item())
+        assert statistics[name]["updated_share"] <= 1 - math.floor(0.3 * param.numel()) / param.numel() + 1e-6
+    shares = [s["updated_share"] for s in statistics.values()]
+    assert metrics["updated_share"].item() == pytest.approx(sum(shares) / len(shares))
+
+    optimizer.step()
+    optimizer.zero_grad()
+    method.record_statistics = False  # a step the trainer does not log
+    method.compute_loss(model, images, labels).loss.backward()
+    assert method.before_optimizer_step(model) == {}
+    assert method.layer_statistics() == statistics
 
 
 def test_revision_follows_the_moving_average_when_r_is_1():

@@ -102,6 +102,46 @@ def test_warmup_epochs_train_naturally_then_switch(tmp_path):
     assert [r["step"] for r in records if "eval/clean_acc" in r] == [steps_per_epoch, 2 * steps_per_epoch]
 
 
+def test_layer_statistics_are_written_on_logged_steps(tmp_path):
+    config = tiny_config(tmp_path / "run", run={"log_every_steps": 2})
+    Trainer(config).train()
+    run = tmp_path / "run"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train/updated_share" in r] == [2, 4]
+    statistics = [json.loads(line) for line in (run / "layer_statistics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in statistics] == [2, 4]
+    layers = statistics[-1]["layers"]
+    assert "backbone.conv1.weight" in layers and not any(name.startswith("backbone.fc") for name in layers)
+    assert all(0 < layer["updated_share"] < 1 and layer["grad_magnitude"] > 0 for layer in layers.values())
+    assert layers["backbone.layer1.0.conv1.weight"]["updated_share"] <= 101 / 144 + 1e-6  # 43 of 144 conserved
+
+
+_HEAP_SCRIPT = """
+import re, sys
+from pathlib import Path
+import torch
+from cure_hub.trainer import keep_freed_heap_memory
+def resident_mib():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
+if sys.argv[1] == "keep":
+    assert keep_freed_heap_memory()
+blocks = [torch.ones(2_000_000) for _ in range(40)]  # 40 blocks of 8 MB
+peak = resident_mib()
+del blocks
+print(peak - resident_mib())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_keep_freed_heap_memory_keeps_freed_blocks():
+    def released_mib(mode):
+        result = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT, mode], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return int(result.stdout)
+    assert released_mib("default") > 250
+    assert released_mib("keep") < 30
+
+
 def test_gradient_accumulation_runs_every_method_step_count(tmp_path):
     config = tiny_config(tmp_path / "run", optim={"gradient_accumulation_steps": 2, "batch_size": 8})
     summary = Trainer(config).train()

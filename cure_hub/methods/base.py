@@ -56,6 +56,9 @@ class Method:
         self.generator: torch.Generator | None = None
         #: Factor for losses a method differentiates itself; the trainer sets fp16's loss scale here.
         self.gradient_scale: float = 1.0
+        #: Whether this step's statistics will be read. The trainer clears it on the steps it does not
+        #: log, so that statistics nobody reads cost nothing.
+        self.record_statistics: bool = True
 
     def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
         """Called once before training with the (unwrapped) model and the number of optimiser steps."""
@@ -69,6 +72,11 @@ class Method:
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Update method state after optimiser step ``step`` (counted from 0)."""
+
+    def layer_statistics(self) -> dict[str, dict[str, float]]:
+        """Per-parameter statistics of the last step that recorded them (the trainer writes them
+        to ``layer_statistics.jsonl`` when it logs)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -37,21 +37,61 @@ def prominence_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
 
     Exactly ``floor(percent * n / 100)`` entries are conserved: those with the lowest scores, ties
     at the threshold broken by position (the entry that comes first in row-major order is
-    conserved first), which matches a stable sort. Runs on ``score``'s device with ``kthvalue``
-    and a cumulative sum: no host copy, no synchronisation, no size limit (unlike
-    ``torch.quantile``, which stops at 16 million elements).
+    conserved first), which matches a stable sort. Runs on ``score``'s device, with no host copy of
+    the tensor and no size limit (unlike ``torch.quantile``, which stops at 16 million elements).
     """
     flat = score.detach().reshape(-1)
     conserved = math.floor(percent * flat.numel() / 100)
     if conserved == 0:
         return torch.ones_like(score, dtype=torch.bool)
+    if flat.device.type == "cpu" and flat.numel() >= 8 * _SAMPLE_SIZE:
+        keep = _keep_mask_by_sampled_selection(flat, conserved)
+    else:
+        keep = _keep_mask_without_synchronisation(flat, conserved)
+    return keep.view_as(score)
+
+
+def _keep_mask_without_synchronisation(flat: torch.Tensor, conserved: int) -> torch.Tensor:
+    """``kthvalue`` and a cumulative sum over the ties: fixed shapes, nothing read back to the host,
+    so an accelerator never waits."""
     threshold = flat.kthvalue(conserved).values
     below = flat < threshold
     at_threshold = flat == threshold
     still_needed = conserved - below.sum(dtype=torch.int64)
     rank_among_ties = at_threshold.to(torch.int32).cumsum(0, dtype=torch.int64 if flat.numel() >= 2**31 else torch.int32)
-    conserve = below | (at_threshold & (rank_among_ties <= still_needed))
-    return (~conserve).view_as(score)
+    return ~(below | (at_threshold & (rank_among_ties <= still_needed)))
+
+
+_SAMPLE_SIZE = 4096
+
+
+def _keep_mask_by_sampled_selection(flat: torch.Tensor, conserved: int) -> torch.Tensor:
+    """The same mask on a CPU, where reading a value back costs nothing and ``kthvalue`` is a
+    single-threaded quickselect over the whole tensor (most of the mask's time). As in Floyd and
+    Rivest's selection, two order statistics of a random sample bracket the threshold; a few
+    vectorised passes count the entries below the bracket and gather the few inside it, and
+    ``kthvalue`` runs on those alone. Exact: a bracket that misses falls back to the full search."""
+    size = flat.numel()
+    # A random sample: a strided one is biased on convolution weights, whose layout repeats.
+    positions = torch.randint(size, (_SAMPLE_SIZE,), generator=torch.Generator().manual_seed(size))
+    sample = flat[positions].sort().values
+    fraction = conserved / size
+    centre = fraction * sample.numel()
+    margin = 4 * math.sqrt(sample.numel() * fraction * (1 - fraction)) + 2  # four standard deviations of a sample rank
+    low_index, high_index = math.floor(centre - margin), math.ceil(centre + margin)
+    low = sample[low_index].item() if low_index >= 0 else -math.inf
+    high = sample[high_index].item() if high_index < sample.numel() else math.inf
+    below_low = int(torch.count_nonzero(flat < low))
+    window = flat[(flat >= low) & (flat <= high)]
+    rank = conserved - below_low
+    if not 0 < rank <= window.numel():
+        return _keep_mask_without_synchronisation(flat, conserved)
+    threshold = window.kthvalue(rank).values
+    keep = flat > threshold
+    still_needed = conserved - below_low - int(torch.count_nonzero(window < threshold))
+    if still_needed < int(torch.count_nonzero(window == threshold)):  # ties: conserve the first ones only
+        keep[(flat == threshold).nonzero().squeeze(1)[still_needed:]] = True
+    return keep
 
 
 def revision_rate_at(step: int, total_steps: int, rate: float, floor: float, schedule: str) -> float:
@@ -101,7 +141,7 @@ class CURE(Method):
         self.masked_params = [named[n] for n in self.masked_names]
         self.total_steps = total_steps
         self._rgp_grads: list[torch.Tensor] | None = None
-        self.last_mask_statistics: dict[str, torch.Tensor] = {}
+        self._statistics: dict[str, torch.Tensor] = {}
         self.revision_model = None
         if config.use_revision:
             self.revision_model = copy.deepcopy(model).requires_grad_(False)
@@ -112,7 +152,7 @@ class CURE(Method):
     def consistency_loss(self, images, adversarial, logits, adv_logits) -> torch.Tensor:
         """L_CR = KL(p_rev(x) || p(x)) + KL(p_rev(x_adv) || p(x_adv)), revision outputs as fixed targets."""
         revision = self.revision_model
-        with torch.no_grad():
+        with torch.inference_mode():  # lighter than no_grad; the outputs only ever serve as targets
             if self.config.revision_mode == "train":  # batch statistics: each batch on its own
                 with module_mode(revision, training=True):
                     rev_logits, rev_adv_logits = revision(images), revision(adversarial)
@@ -167,28 +207,29 @@ class CURE(Method):
         grads = _all_reduce_sum(self._rgp_grads)
         self._rgp_grads = None
         count = len(self.masked_params)
-        alpha = self.config.alpha
-        updated_share, grad_magnitude = [], []
-        for param, g_nat, g_adv in zip(self.masked_params, grads[:count], grads[count:]):
+        alpha, record = self.config.alpha, self.record_statistics
+        statistics = {}
+        for name, param, g_nat, g_adv in zip(self.masked_names, self.masked_params, grads[:count], grads[count:]):
             if param.grad is None:
                 continue
             if not self.config.rgp_signed:  # the buffers are ours: work in place
                 g_nat, g_adv = g_nat.abs_(), g_adv.abs_()
             score = g_nat.mul_(alpha).add_(g_adv, alpha=1 - alpha)
-            grad_magnitude.append(param.grad.norm(1) / param.numel())
-            param.grad.masked_fill_(prominence_mask(score, self.config.percentile).logical_not_(), 0.0)
-            updated_share.append(torch.count_nonzero(param.grad) / param.numel())
-        self.last_mask_statistics = {"updated_share": torch.stack(updated_share), "grad_magnitude": torch.stack(grad_magnitude)}
-        return {"updated_share": self.last_mask_statistics["updated_share"].mean()}
+            magnitude = param.grad.norm(1) / param.numel() if record else None
+            param.grad.mul_(prominence_mask(score, self.config.percentile))  # zero where conserved
+            if record:
+                statistics[name] = torch.stack([torch.count_nonzero(param.grad) / param.numel(), magnitude])
+        if not record:
+            return {}
+        self._statistics = statistics
+        return {"updated_share": torch.stack(list(statistics.values()))[:, 0].mean()}
 
-    def mask_statistics(self) -> dict[str, dict[str, float]]:
+    def layer_statistics(self) -> dict[str, dict[str, float]]:
         """Per masked tensor, the share of entries with a non-zero masked gradient and the mean
-        gradient magnitude before masking, at the last step (the paper's Figure 6). Costs one host synchronisation; call when logging."""
-        stats = {k: v.tolist() for k, v in self.last_mask_statistics.items()}
-        return {
-            name: {"updated_share": share, "grad_magnitude": magnitude}
-            for name, share, magnitude in zip(self.masked_names, stats.get("updated_share", []), stats.get("grad_magnitude", []))
-        }
+        gradient magnitude before masking (the paper's Figure 6), at the last step that recorded
+        them. Costs one host synchronisation."""
+        values = torch.stack(list(self._statistics.values())).tolist() if self._statistics else []
+        return {name: {"updated_share": share, "grad_magnitude": magnitude} for name, (share, magnitude) in zip(self._statistics, values)}
 
     # ---- Eq. 7 --------------------------------------------------------------------------------
     def current_revision_rate(self, step: int) -> float:
