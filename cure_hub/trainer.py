@@ -46,25 +46,24 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 
 
 def keep_freed_heap_memory() -> bool:
-    """Stop glibc from handing freed heap memory back to the operating system during training.
+    """Stop glibc from handing freed memory back to the operating system during training.
 
-    By default glibc gives the top of its heap back as soon as more than about twice its largest
-    recent allocation lies free there (32 MiB for a ResNet-18), and every page taken again after
-    that is a page fault. A training step that frees and re-allocates more than that each step (a
-    CURE step does, with its retained graph and revision forward pass) pays tens of thousands of
-    faults per step: 3-5 % of a step on a CPU. Like PyTorch's CUDA caching allocator, the
-    process then keeps its peak memory. Returns whether the setting was applied (Linux, glibc).
+    By default glibc unmaps every block of 32 MiB or more when it is freed, and gives the top of
+    its heap back once more than twice its (self-adjusting) mmap threshold lies free there; every
+    page taken again after that is a page fault. A training step that frees and re-allocates that
+    much each step (a CURE step does: a retained graph, a revision forward pass on a double batch)
+    pays tens to hundreds of thousands of faults a step, 3-8 % of a step on a CPU. With this
+    setting, like PyTorch's CUDA caching allocator, the process keeps its peak memory and reuses
+    it. Returns whether the setting was applied (Linux with glibc only).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL("libc.so.6")
-    # Fixing either threshold turns off glibc's adjustment of both, so fix the mmap threshold at
-    # glibc's own upper limit (32 MiB) first; larger blocks are still mapped and unmapped.
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class EpochShuffleSampler(Sampler[int]):
