@@ -6,6 +6,7 @@ import argparse
 import fnmatch
 import logging
 import sys
+from collections.abc import Callable
 
 from .arguments import key_value
 
@@ -18,10 +19,29 @@ def _models(args: argparse.Namespace) -> int:
     return 0 if names else 1
 
 
-def _train(args: argparse.Namespace) -> int:
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that describe bad input rather than a bug: reported in one line, no traceback."""
+    from .data import ColumnDetectionError, DatasetUnavailableError
+    from .hub import ExportError, HubPushError
+    from .models import CheckpointMismatchError, UnknownModelError
+
+    return (ColumnDetectionError, DatasetUnavailableError, ExportError, HubPushError, CheckpointMismatchError,
+            UnknownModelError, FileExistsError, FileNotFoundError)
+
+
+def exit_code_of(command: str, run: Callable[[], int]) -> int:
+    """``run()``, with a user error printed as ``COMMAND: error: ...`` and exit status 1."""
+    try:
+        return run()
+    except user_errors() as err:  # evaluated only when something is raised: imports stay lazy
+        print(f"{command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _train(train_args: list[str]) -> int:
     from .train import main as train_main
 
-    return train_main(args.train_args, prog="cure-hub train")
+    return train_main(train_args, prog="cure-hub train")
 
 
 def _epsilon(text: str) -> float:
@@ -135,11 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adversarially robust fine-tuning (CURE) for timm and Hugging Face vision models.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = commands.add_parser(
-        "train", help="Train a robust model (the flags of cure_hub/train.py; see cure-hub train --help).", add_help=False
-    )
-    train.add_argument("train_args", nargs=argparse.REMAINDER)
-    train.set_defaults(run=_train)
+    # Listed here for --help only: main() hands everything after "train" to cure_hub/train.py.
+    commands.add_parser("train", help="Train a robust model (the flags of cure_hub/train.py; see cure-hub train --help).", add_help=False)
     evaluate = commands.add_parser("eval", help="Evaluate robustness: clean, PGD-20/100, C&W, AutoAttack, NRR.")
     evaluate.add_argument("model", help="Run folder, export folder, Hub id, or an architecture with --checkpoint.")
     evaluate.add_argument("--checkpoint", help="State dict for an architecture name (e.g. a CIFAR ResNet checkpoint).")
@@ -201,15 +218,12 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .hub import ExportError, HubPushError
-
+    argv = sys.argv[1:] if argv is None else list(argv)
     setup_logging()
+    if argv[:1] == ["train"]:  # not through argparse, whose REMAINDER drops a first argument that starts with "-"
+        return exit_code_of("cure-hub train", lambda: _train(argv[1:]))
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (ExportError, HubPushError) as err:
-        print(f"cure-hub {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    return exit_code_of(f"cure-hub {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

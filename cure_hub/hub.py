@@ -48,8 +48,19 @@ def load_robust_model(location: str | os.PathLike, revision: str | None = None, 
     if path.suffix or str(location).startswith((".", "/")):
         raise FileNotFoundError(f"no model at {location!r}")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    config_file = hf_hub_download(str(location), "config.json", revision=revision)
+    try:
+        config_file = hf_hub_download(str(location), "config.json", revision=revision)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{location!r} is not a local folder, and the Hub could not be reached for it (nor is it in the cache)"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HFValidationError) as err:
+        raise FileNotFoundError(
+            f"no model at {location!r}: not a run or export folder, nor a Hub repository with a config.json"
+            f"{f' at revision {revision!r}' if revision else ''} ({type(err).__name__})"
+        ) from None
     return load_export(str(location), _read_json(Path(config_file)), local=False, revision=revision)
 
 

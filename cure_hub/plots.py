@@ -80,6 +80,36 @@ def plot_training(run_dir: Path, output: Path) -> Path | None:
     return output
 
 
+def plot_layer_statistics(run_dir: Path, output: Path) -> Path | None:
+    """CURE's Figure 6: per masked weight tensor, the share of entries updated and the mean
+    gradient magnitude, at the first and the last logged step of a run."""
+    path = run_dir / "layer_statistics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    first, last = records[0], records[-1]
+    # Weight matrices and kernels only: normalisation weights and biases would crowd the axis.
+    names = [n for n in last["layers"] if n.endswith(".weight") and "norm" not in n and ".bn" not in n]
+    plt = _pyplot()
+    figure, (share_axes, magnitude_axes) = plt.subplots(2, 1, figsize=(max(6, 0.25 * len(names)), 6), sharex=True)
+    positions = range(len(names))
+    for record, offset in ((first, -0.2), (last, 0.2)):
+        layers = record["layers"]
+        label = f"step {record['step']}"
+        share_axes.bar([i + offset for i in positions], [layers[n]["updated_share"] for n in names], width=0.4, label=label)
+        magnitude_axes.bar([i + offset for i in positions], [layers[n]["grad_magnitude"] for n in names], width=0.4, label=label)
+    share_axes.set(ylabel="share updated", ylim=(0, 1), title=f"CURE masks: {run_dir.name}")
+    magnitude_axes.set(ylabel="mean |gradient|", yscale="log")
+    magnitude_axes.set_xticks(list(positions), [n.removeprefix("backbone.") for n in names], rotation=90, fontsize="x-small")
+    share_axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
 def write_plots(inputs: list[str], output_dir: str) -> list[Path]:
     """Every plot the inputs allow: results JSON files and training run folders."""
     out = Path(output_dir)
@@ -89,4 +119,5 @@ def write_plots(inputs: list[str], output_dir: str) -> list[Path]:
     written = [plot_eps_sweep(results_files, out / "eps_sweep.png"), plot_tradeoff(results_files, out / "tradeoff.png")]
     for run in (p for p in paths if p.is_dir()):
         written.append(plot_training(run, out / f"training_{run.name}.png"))
+        written.append(plot_layer_statistics(run, out / f"layer_statistics_{run.name}.png"))
     return [p for p in written if p is not None]

@@ -7,7 +7,7 @@ process). ``--help`` lists every flag with its default.
 import sys
 
 from cure_hub.arguments import parse_train_config
-from cure_hub.cli import setup_logging
+from cure_hub.cli import exit_code_of, setup_logging
 from cure_hub.trainer import train
 
 
@@ -19,4 +19,4 @@ def main(argv=None, prog: str = "train.py") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of("train.py", main))

@@ -200,7 +200,7 @@ class Trainer:
         device_seed = config.optim.seed + accelerator.process_index
         self.augment_generator = torch.Generator(device=accelerator.device).manual_seed(device_seed)
         self.attack_generator = torch.Generator(device=accelerator.device).manual_seed(device_seed + 10_000)
-        if accelerator.device.type == "cpu":
+        if accelerator.device.type == "cpu" and config.run.keep_freed_memory:
             keep_freed_heap_memory()
         self.natural = build_method(MethodConfig(method="standard"), config.attack)
         self.method = build_method(config.method, config.attack)

@@ -137,6 +137,12 @@ def test_offline_mode_loads_from_the_cache(runs, hub, tmp_path):
     assert len(hub.state.requests) == requests_before
 
 
+def test_loading_a_missing_repository_is_a_one_line_error(hub, tmp_path):
+    result = cli(["eval", "tester/no-such-model", "--dataset", "digits"], hub_env(hub, tmp_path / "home"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cure-hub eval: error: no model at 'tester/no-such-model'" in result.stderr
+
+
 def test_push_errors_come_before_any_upload(runs, hub, tmp_path):
     home = tmp_path / "home"
     no_token = cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/errors"], hub_env(hub, home, token=None))

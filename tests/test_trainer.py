@@ -13,7 +13,9 @@ import yaml
 from safetensors.torch import load_file
 
 from cure_hub.arguments import parse_train_config
+from cure_hub.cli import main as cli_main
 from cure_hub.config import METHODS, TrainConfig
+from cure_hub.plots import write_plots
 from cure_hub.trainer import Trainer, lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +116,9 @@ def test_layer_statistics_are_written_on_logged_steps(tmp_path):
     assert "backbone.conv1.weight" in layers and not any(name.startswith("backbone.fc") for name in layers)
     assert all(0 < layer["updated_share"] < 1 and layer["grad_magnitude"] > 0 for layer in layers.values())
     assert layers["backbone.layer1.0.conv1.weight"]["updated_share"] <= 101 / 144 + 1e-6  # 43 of 144 conserved
+    written = write_plots([str(run)], str(tmp_path / "plots"))
+    assert tmp_path / "plots" / "layer_statistics_run.png" in written
+    assert (tmp_path / "plots" / "layer_statistics_run.png").stat().st_size > 5000
 
 
 _HEAP_SCRIPT = """
@@ -205,6 +210,21 @@ def test_lr_schedules():
 def test_every_recipe_parses_into_a_valid_config(recipe):
     config = parse_train_config(["--recipe", str(recipe)])
     assert config.method.method in METHODS
+
+
+def test_cure_hub_train_runs_the_readme_recipe(tmp_path):
+    """The README's first command, through the console script's main()."""
+    code = cli_main(["train", "--recipe", str(REPO / "recipes" / "quickstart.yaml"), "--max-steps", "2", "--eval-subset", "20",
+                     "--eval-attack-steps", "1", "--output-dir", str(tmp_path / "run")])
+    assert code == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+
+
+def test_cure_hub_train_reports_bad_input_in_one_line(tmp_path, capsys):
+    code = cli_main(["train", "--model", "resnet_nope", "--dataset", "digits", "--output-dir", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in error
+    assert "cure-hub train: error: Unknown model 'resnet_nope'" in error
 
 
 def test_flags_override_the_recipe(tmp_path):
