@@ -47,21 +47,27 @@ def load_robust_model(location: str | os.PathLike, revision: str | None = None, 
         return load_export(str(path), _read_json(config_file), local=True)
     if path.suffix or str(location).startswith((".", "/")):
         raise FileNotFoundError(f"no model at {location!r}")
+    config_file = download_from_hub(str(location), "config.json", revision=revision)
+    return load_export(str(location), _read_json(Path(config_file)), local=False, revision=revision)
+
+
+def download_from_hub(repo_id: str, filename: str, revision: str | None = None) -> str:
+    """``hf_hub_download``, with a missing repository, revision or file, or an unreachable Hub,
+    reported as a ``FileNotFoundError`` that names what was asked for."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        config_file = hf_hub_download(str(location), "config.json", revision=revision)
+        return hf_hub_download(repo_id, filename, revision=revision)
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
-            f"{location!r} is not a local folder, and the Hub could not be reached for it (nor is it in the cache)"
+            f"{repo_id!r} is not a local folder, and the Hub could not be reached for it (nor is it in the cache)"
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HFValidationError) as err:
         raise FileNotFoundError(
-            f"no model at {location!r}: not a run or export folder, nor a Hub repository with a config.json"
+            f"no model at {repo_id!r}: not a local file or folder, nor a Hub repository with a {filename}"
             f"{f' at revision {revision!r}' if revision else ''} ({type(err).__name__})"
         ) from None
-    return load_export(str(location), _read_json(Path(config_file)), local=False, revision=revision)
 
 
 def load_export(location: str, config: dict, local: bool, revision: str | None = None,

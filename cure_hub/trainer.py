@@ -139,9 +139,9 @@ def resolve_weights_file(location: str) -> str:
             return str(candidate)
     if path.exists():
         raise FileNotFoundError(f"{location!r} holds no weights (weights/last.safetensors or model.safetensors)")
-    from huggingface_hub import hf_hub_download
+    from .hub import download_from_hub
 
-    return hf_hub_download(location, "model.safetensors")
+    return download_from_hub(location, "model.safetensors")
 
 
 class Trainer:

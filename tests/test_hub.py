@@ -141,6 +141,9 @@ def test_loading_a_missing_repository_is_a_one_line_error(hub, tmp_path):
     result = cli(["eval", "tester/no-such-model", "--dataset", "digits"], hub_env(hub, tmp_path / "home"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cure-hub eval: error: no model at 'tester/no-such-model'" in result.stderr
+    result = cli(["train", "--init-from", "tester/no-such-model", "--dataset", "digits", "--output-dir", str(tmp_path / "run")],
+                 hub_env(hub, tmp_path / "home"))
+    assert result.returncode == 1 and "cure-hub train: error: no model at 'tester/no-such-model'" in result.stderr
 
 
 def test_push_errors_come_before_any_upload(runs, hub, tmp_path):
