@@ -32,6 +32,10 @@ from ..losses import kl_divergence
 from .base import Method, StepOutput, accuracy, unwrap
 
 
+#: On a CPU, tensors this large take the sampled selection; its sample has _SAMPLE_SIZE entries.
+_SAMPLED_SELECTION_MIN_SIZE, _SAMPLE_SIZE = 32_768, 4096
+
+
 def prominence_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
     """Boolean mask of the entries of ``score`` that are updated (True) or conserved (False).
 
@@ -44,7 +48,7 @@ def prominence_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
     conserved = math.floor(percent * flat.numel() / 100)
     if conserved == 0:
         return torch.ones_like(score, dtype=torch.bool)
-    if flat.device.type == "cpu" and flat.numel() >= 8 * _SAMPLE_SIZE:
+    if flat.device.type == "cpu" and flat.numel() >= _SAMPLED_SELECTION_MIN_SIZE:
         keep = _keep_mask_by_sampled_selection(flat, conserved)
     else:
         keep = _keep_mask_without_synchronisation(flat, conserved)
@@ -60,9 +64,6 @@ def _keep_mask_without_synchronisation(flat: torch.Tensor, conserved: int) -> to
     still_needed = conserved - below.sum(dtype=torch.int64)
     rank_among_ties = at_threshold.to(torch.int32).cumsum(0, dtype=torch.int64 if flat.numel() >= 2**31 else torch.int32)
     return ~(below | (at_threshold & (rank_among_ties <= still_needed)))
-
-
-_SAMPLE_SIZE = 4096
 
 
 def _keep_mask_by_sampled_selection(flat: torch.Tensor, conserved: int) -> torch.Tensor:
