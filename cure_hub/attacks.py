@@ -5,12 +5,19 @@ back in the mode it was in; takes input gradients with ``torch.autograd.grad``, 
 ``.grad`` is touched; and returns a detached tensor inside the epsilon-ball around ``images`` and
 inside [0, 1].
 
-Mixed precision: the gradient of the loss with respect to the logits is computed in float32 and
-rescaled per example so that its largest entry is 1 before it is sent back through the network.
-An example's input gradient only depends on its own logits (eval mode), so the rescaling leaves
-the l-inf step (its sign) and the l2 step (its direction) unchanged, while keeping the backward
-pass far from float16's underflow. Without it the TRADES/CURE attack, which starts where the KL is
-almost zero, loses its gradient in float16 and silently weakens.
+Mixed precision (under ``torch.autocast``) needs two precautions, or the TRADES/CURE attack
+silently weakens:
+
+- Its start x + 0.001 N(0, I) lies where the KL is almost zero. In float16 or bfloat16 the
+  logits there round to the clean ones for many examples (a third of them for a small CIFAR
+  ResNet in bfloat16); their gradient is then exactly zero and they never move. So the KL
+  attack's clean logits and its first step run in float32. One step of size ``step_size`` away,
+  the KL is large enough for low precision.
+- The gradient of the loss with respect to the logits is computed in float32 and rescaled per
+  example so that its largest entry is 1 before it is sent back through the network. An
+  example's input gradient only depends on its own logits (eval mode), so the rescaling leaves
+  the l-inf step (its sign) and the l2 step (its direction) unchanged, while keeping the
+  backward pass far from float16's underflow.
 """
 
 from __future__ import annotations
@@ -90,7 +97,6 @@ def pgd_attack(
     labels: torch.Tensor | None,
     config: AttackConfig,
     loss: AttackLoss = "ce",
-    clean_logits: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Maximise ``loss`` over the ``config.norm`` ball of radius ``config.epsilon`` around ``images``.
@@ -101,23 +107,21 @@ def pgd_attack(
         config: epsilon, step size, steps, norm and random start.
         loss: ``"ce"`` (cross-entropy), ``"kl"`` (KL(p(x) || p(x + delta)), the TRADES/CURE
             attack, Eq. 4) or ``"cw"`` (Carlini-Wagner margin).
-        clean_logits: the model's eval-mode logits on ``images`` for ``"kl"``; computed if omitted.
         generator: draws the random start, for reproducible attacks.
     """
     if loss in ("ce", "cw") and labels is None:
         raise ValueError(f"the {loss!r} attack needs labels")
     images = images.detach()
+    float32 = torch.autocast(images.device.type, enabled=False)  # reusable; see the module docstring
     with eval_mode(model):
         clean_log_probs = None
         if loss == "kl":
-            if clean_logits is None:
-                with torch.no_grad():
-                    clean_logits = model(images)
-            clean_log_probs = F.log_softmax(clean_logits.detach().float(), dim=1)
+            with torch.no_grad(), float32:
+                clean_log_probs = F.log_softmax(model(images).float(), dim=1)
         adversarial = _random_start(images, config, generator)
-        for _ in range(config.steps):
+        for step in range(config.steps):
             adversarial.requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), float32 if loss == "kl" and step == 0 else contextlib.nullcontext():
                 logits = model(adversarial)
                 objective = _per_example_loss(loss, logits, labels, clean_log_probs).sum()
                 logit_grad = torch.autograd.grad(objective, logits)[0].float()

@@ -35,7 +35,7 @@ from huggingface_hub import save_torch_state_dict
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .attacks import pgd_attack
+from .attacks import module_mode, pgd_attack
 from .config import AttackConfig, MethodConfig, TrainConfig
 from .data import collate, load_data, random_crop_flip
 from .methods import Method, build_method
@@ -192,6 +192,10 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
             model, optimizer, train_loader, eval_loader
         )
+        # Mixed precision comes from the autocast blocks around the training step and the
+        # evaluation only: Accelerate's autocast wrapper around forward would stop the KL attack
+        # from taking its first step in float32 (attacks.py says why it must).
+        accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         # Stepped once per optimiser step by us, not by Accelerate (which steps a prepared
         # scheduler once per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, self.total_steps, config.optim))
@@ -289,16 +293,14 @@ class Trainer:
             epsilon=self.config.attack.epsilon, step_size=self.config.attack.epsilon / 4,
             steps=self.config.run.eval_attack_steps, norm=self.config.attack.norm, random_start="uniform",
         )
-        was_training = model.training
-        model.eval()
         clean, robust = [], []
-        for images, labels in self.eval_loader:
-            adversarial = pgd_attack(model, images, labels, attack) if attack.steps else images
-            correct = torch.stack([model(images).argmax(1) == labels, model(adversarial).argmax(1) == labels])
-            correct = self.accelerator.gather_for_metrics(correct.T).T  # drops the padding of the last batch
-            clean.append(correct[0])
-            robust.append(correct[1])
-        model.train(was_training)
+        with module_mode(model, training=False), self.accelerator.autocast():
+            for images, labels in self.eval_loader:
+                adversarial = pgd_attack(model, images, labels, attack) if attack.steps else images
+                correct = torch.stack([model(images).argmax(1) == labels, model(adversarial).argmax(1) == labels])
+                correct = self.accelerator.gather_for_metrics(correct.T).T  # drops the padding of the last batch
+                clean.append(correct[0])
+                robust.append(correct[1])
         clean, robust = torch.cat(clean), torch.cat(robust)
         self.eval_examples = len(clean)
         return {"eval/clean_acc": clean.float().mean().item(), f"eval/pgd{attack.steps}_acc": robust.float().mean().item()}

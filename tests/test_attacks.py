@@ -74,7 +74,8 @@ def test_random_start_is_reproducible_with_a_generator(trained):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_precision_kl_attack_is_as_strong_as_float32(trained, dtype):
-    """The TRADES/CURE attack starts where the KL is ~0; its gradient must survive low precision."""
+    """The TRADES/CURE attack starts where the KL is ~0; its gradient must survive low precision.
+    Without the float32 first step, a third of these examples never leave the start in bfloat16."""
     model, images, labels = trained
     config = AttackConfig(steps=10, random_start="normal")
     torch.manual_seed(0)
@@ -82,11 +83,13 @@ def test_mixed_precision_kl_attack_is_as_strong_as_float32(trained, dtype):
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=dtype):
         mixed = pgd_attack(model, images, labels, config, loss="kl")
+    mean_step = (mixed - images).abs().flatten(1).mean(1)  # 0.001 * E|N(0, 1)| = 0.0008 at the start
+    assert mean_step.min() > config.step_size / 2
     with torch.no_grad():
         clean = model(images)
         kl_full, kl_mixed = kl_divergence(clean, model(full)), kl_divergence(clean, model(mixed))
-    assert kl_mixed >= 0.8 * kl_full
-    assert accuracy(model, mixed, labels) <= accuracy(model, full, labels) + 0.05
+    assert kl_mixed >= 0.9 * kl_full
+    assert accuracy(model, mixed, labels) <= accuracy(model, full, labels) + 0.02
 
 
 def test_labels_required_for_ce_and_cw(trained):

@@ -168,6 +168,35 @@ def test_bf16_mixed_precision_trains(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["mixed_precision"] == "bf16"
 
 
+_BF16_FORWARD_SCRIPT = """
+import sys
+import torch
+from test_trainer import tiny_config
+from cure_hub.methods.base import unwrap
+from cure_hub.trainer import Trainer
+trainer = Trainer(tiny_config(sys.argv[1], optim={"mixed_precision": "bf16"}))
+trainer._prepare()
+model, images = unwrap(trainer.model), torch.rand(2, 3, 8, 8)
+convolution = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+computed_in = []
+convolution.register_forward_hook(lambda module, args, output: computed_in.append(output.dtype))
+with torch.no_grad(), trainer.accelerator.autocast():
+    model(images)
+with torch.no_grad(), torch.autocast("cpu", enabled=False):
+    model(images)
+print(*computed_in)
+"""
+
+
+def test_bf16_training_leaves_the_forward_free_of_autocast(tmp_path):
+    """The KL attack's first step runs in float32 (attacks.py); Accelerate's autocast wrapper
+    around forward would override it, so the trainer removes it and autocasts the step instead."""
+    command = [sys.executable, "-c", _BF16_FORWARD_SCRIPT, str(tmp_path / "run")]
+    result = subprocess.run(command, env={**ENV, "PYTHONPATH": str(REPO / "tests")}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["torch.bfloat16", "torch.float32"]
+
+
 def test_refuses_to_overwrite_a_run(tmp_path):
     Trainer(tiny_config(tmp_path / "run", optim={"max_steps": 1})).train()
     with pytest.raises(FileExistsError, match="--resume-from"):
