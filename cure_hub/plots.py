@@ -91,7 +91,7 @@ def plot_layer_statistics(run_dir: Path, output: Path) -> Path | None:
         return None
     first, last = records[0], records[-1]
     # Weight matrices and kernels only: normalisation weights and biases would crowd the axis.
-    names = [n for n in last["layers"] if n.endswith(".weight") and "norm" not in n and ".bn" not in n]
+    names = [n for n, layer in last["layers"].items() if layer["ndim"] >= 2]
     plt = _pyplot()
     figure, (share_axes, magnitude_axes) = plt.subplots(2, 1, figsize=(max(6, 0.25 * len(names)), 6), sharex=True)
     positions = range(len(names))

@@ -125,6 +125,7 @@ def test_layer_statistics_are_exact_and_recorded_only_when_asked():
             continue
         assert statistics[name]["grad_magnitude"] == pytest.approx(unmasked[name].abs().mean().item(), rel=1e-5)
         assert statistics[name]["updated_share"] == pytest.approx((param.grad != 0).float().mean().item())
+        assert statistics[name]["ndim"] == param.ndim
         assert statistics[name]["updated_share"] <= 1 - math.floor(0.3 * param.numel()) / param.numel() + 1e-6
     shares = [s["updated_share"] for s in statistics.values()]
     assert metrics["updated_share"].item() == pytest.approx(sum(shares) / len(shares))

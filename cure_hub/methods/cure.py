@@ -228,9 +228,14 @@ class CURE(Method):
     def layer_statistics(self) -> dict[str, dict[str, float]]:
         """Per masked tensor, the share of entries with a non-zero masked gradient and the mean
         gradient magnitude before masking (the paper's Figure 6), at the last step that recorded
-        them. Costs one host synchronisation."""
+        them, with the tensor's number of dimensions (a plot keeps matrices and kernels by it).
+        Costs one host synchronisation."""
         values = torch.stack(list(self._statistics.values())).tolist() if self._statistics else []
-        return {name: {"updated_share": share, "grad_magnitude": magnitude} for name, (share, magnitude) in zip(self._statistics, values)}
+        ndim = {name: param.ndim for name, param in zip(self.masked_names, self.masked_params)}
+        return {
+            name: {"updated_share": share, "grad_magnitude": magnitude, "ndim": ndim[name]}
+            for name, (share, magnitude) in zip(self._statistics, values)
+        }
 
     # ---- Eq. 7 --------------------------------------------------------------------------------
     def current_revision_rate(self, step: int) -> float:
