@@ -35,7 +35,7 @@ from huggingface_hub import save_torch_state_dict
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .attacks import module_mode, pgd_attack
+from .attacks import eval_mode, pgd_attack
 from .config import AttackConfig, MethodConfig, TrainConfig
 from .data import collate, load_data, random_crop_flip
 from .methods import Method, build_method
@@ -209,6 +209,8 @@ class Trainer:
         self.natural = build_method(MethodConfig(method="standard"), config.attack)
         self.method = build_method(config.method, config.attack)
         self.method.generator = self.attack_generator
+        if accelerator.scaler is not None:  # fp16: CURE's own gradients need the loss's scaling
+            self.method.scale_loss = accelerator.scaler.scale
         self.method_started = False
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +296,7 @@ class Trainer:
             steps=self.config.run.eval_attack_steps, norm=self.config.attack.norm, random_start="uniform",
         )
         clean, robust = [], []
-        with module_mode(model, training=False), self.accelerator.autocast():
+        with eval_mode(model), self.accelerator.autocast():
             for images, labels in self.eval_loader:
                 adversarial = pgd_attack(model, images, labels, attack) if attack.steps else images
                 correct = torch.stack([model(images).argmax(1) == labels, model(adversarial).argmax(1) == labels])
@@ -324,8 +326,6 @@ class Trainer:
                     method = self.active_method
                     if config.data.augment:
                         images = random_crop_flip(images, self.augment_generator)
-                    if accelerator.scaler is not None:  # fp16: CURE's own gradients need the same scaling
-                        method.gradient_scale = accelerator.scaler.get_scale()
                     with accelerator.accumulate(self.model), accelerator.autocast():
                         output = method.compute_loss(self.model, images, labels)
                         accelerator.backward(output.loss)

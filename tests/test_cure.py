@@ -138,6 +138,26 @@ def test_layer_statistics_are_exact_and_recorded_only_when_asked():
     assert method.layer_statistics() == statistics
 
 
+def test_loss_scaling_of_the_rgp_gradients_leaves_the_masks_unchanged():
+    """In fp16 the trainer hands CURE the loss scaler's ``scale`` for its own RGP gradients; both
+    terms must be scaled alike, so that the masks are those of an unscaled step."""
+    images, labels = robust_vs_fragile_task(32)
+    scaler, calls = torch.amp.GradScaler("cpu", init_scale=2.0**16), []
+    conserved = []
+    for scaled in (False, True):
+        model = tiny_model()
+        method = build_method(MethodConfig(method="cure", percentile=30, alpha=0.1), AttackConfig(steps=1))
+        method.setup(model, total_steps=4)
+        method.generator = torch.Generator().manual_seed(0)
+        if scaled:
+            method.scale_loss = lambda loss: calls.append(loss) or scaler.scale(loss)
+        method.compute_loss(model, images, labels).loss.backward()
+        method.before_optimizer_step(model)
+        conserved.append({name: param.grad == 0 for name, param in model.named_parameters() if name in method.masked_names})
+    assert len(calls) == 2  # the natural and the adversarial RGP term
+    assert all(torch.equal(conserved[0][name], conserved[1][name]) for name in conserved[0])
+
+
 def test_revision_follows_the_moving_average_when_r_is_1():
     model = tiny_model()
     images, labels = robust_vs_fragile_task(16)

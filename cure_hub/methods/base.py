@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -54,8 +55,9 @@ class Method:
         self.attack = attack if attack.random_start else dataclasses.replace(attack, random_start=self.default_random_start)
         #: Draws the attacks' random starts; the global RNG when None. The trainer sets and checkpoints it.
         self.generator: torch.Generator | None = None
-        #: Factor for losses a method differentiates itself; the trainer sets fp16's loss scale here.
-        self.gradient_scale: float = 1.0
+        #: Applied to losses a method differentiates itself. In fp16 the trainer sets the loss
+        #: scaler's ``scale`` here: it multiplies by the scale on the device, with no host sync.
+        self.scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
         #: Whether this step's statistics will be read. The trainer clears it on the steps it does not
         #: log, so that statistics nobody reads cost nothing.
         self.record_statistics: bool = True

@@ -189,8 +189,8 @@ class CURE(Method):
             # percentile mask does not change when a score is scaled.
             with record_function("cure.rgp_gradients"):
                 grads = [
-                    *_grads(natural_ce * self.gradient_scale, self.masked_params),
-                    *_grads(adversarial_term * self.gradient_scale, self.masked_params),
+                    *_grads(self.scale_loss(natural_ce), self.masked_params),
+                    *_grads(self.scale_loss(adversarial_term), self.masked_params),
                 ]
             self._rgp_grads = grads if self._rgp_grads is None else [a.add_(b) for a, b in zip(self._rgp_grads, grads)]
         return StepOutput(loss, metrics)
