@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from .arguments import key_value
+from .arguments import ArgumentParser, key_value, number
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -21,21 +21,24 @@ def _models(args: argparse.Namespace) -> int:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors that describe bad input rather than a bug: reported in one line, no traceback."""
-    from .data import ColumnDetectionError, DatasetUnavailableError
+    from .config import InputError
+    from .data import DatasetUnavailableError
     from .hub import ExportError, HubPushError
-    from .models import CheckpointMismatchError, UnknownModelError
+    from .models import CheckpointMismatchError
+    from .trainer import TrainingDivergedError
 
-    return (ColumnDetectionError, DatasetUnavailableError, ExportError, HubPushError, CheckpointMismatchError,
-            UnknownModelError, FileExistsError, FileNotFoundError)
+    return (InputError, DatasetUnavailableError, ExportError, HubPushError, CheckpointMismatchError,
+            TrainingDivergedError, FileExistsError, FileNotFoundError)
 
 
 def exit_code_of(command: str, run: Callable[[], int]) -> int:
-    """``run()``, with a user error printed as ``COMMAND: error: ...`` and exit status 1."""
+    """``run()``, with a user error printed as ``COMMAND: error: ...`` and exit status 2 (as
+    argparse's for a bad flag)."""
     try:
         return run()
     except user_errors() as err:  # evaluated only when something is raised: imports stay lazy
         print(f"{command}: error: {err}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def _train(train_args: list[str]) -> int:
@@ -46,11 +49,7 @@ def _train(train_args: list[str]) -> int:
 
 def _epsilon(text: str) -> float:
     """``8/255`` or ``0.0314``."""
-    numerator, _, denominator = text.partition("/")
-    try:
-        value = float(numerator) / float(denominator or 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"epsilon must be a number or a fraction like 8/255, got {text!r}") from None
+    value = number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"epsilon must be > 0, got {text!r}")
     return value
@@ -149,12 +148,12 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="cure-hub",
         description="Adversarially robust fine-tuning (CURE) for timm and Hugging Face vision models.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
     # Listed here for --help only: main() hands everything after "train" to cure_hub/train.py.
     commands.add_parser("train", help="Train a robust model (the flags of cure_hub/train.py; see cure-hub train --help).", add_help=False)
     evaluate = commands.add_parser("eval", help="Evaluate robustness: clean, PGD-20/100, C&W, AutoAttack, NRR.")
@@ -222,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if argv[:1] == ["train"]:  # not through argparse, whose REMAINDER drops a first argument that starts with "-"
         return exit_code_of("cure-hub train", lambda: _train(argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's own parser, which knows the flags to suggest
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return exit_code_of(f"cure-hub {args.command}", lambda: args.run(args))
 
 

@@ -5,11 +5,68 @@ dashes)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """Bad input from the user (a flag, a recipe value, a dataset, a file): the command line
+    reports it in one line, with exit status 2, and no traceback."""
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise InputError(message)
+
+
+def parse_number(text: str) -> float:
+    """A float from ``"0.1"``, ``"1e-3"`` or a fraction such as ``"8/255"``."""
+    numerator, slash, denominator = str(text).partition("/")
+    try:
+        return float(numerator) / (float(denominator) if slash else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"expected a number or a fraction like 8/255, got {text!r}") from None
+
+
+def base_type(annotation):
+    """``int | None`` -> int; anything else unchanged (``list[str]``, ``dict``, ``bool`` ...)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _coerce(name: str, annotation, value):
+    """``value`` as the field's type: numbers from YAML strings (``1e-3``, ``8/255``) are accepted as
+    the command line accepts them; anything that is not clearly of the type is refused, naming it."""
+    optional = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    kind = base_type(annotation)
+    if value is None:
+        _check(optional, f"{name} must be set, got null")
+        return None
+    if kind is bool:
+        _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+    elif kind is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+    elif kind is float:
+        _check(not isinstance(value, bool), f"{name} must be a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                return parse_number(value)
+            except InputError:
+                raise InputError(f"{name} must be a number or a fraction like 8/255, got {value!r}") from None
+        _check(isinstance(value, (int, float)), f"{name} must be a number, got {value!r}")
+        return float(value)
+    elif kind is str:
+        _check(isinstance(value, str), f"{name} must be a string, got {value!r}")
+    elif kind is dict:
+        _check(isinstance(value, dict), f"{name} must be a mapping of KEY: VALUE, got {value!r}")
+    elif typing.get_origin(kind) is list:
+        _check(isinstance(value, list), f"{name} must be a list, got {value!r}")
+        (item,) = typing.get_args(kind)
+        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
+    return value
 
 
 def _check_choices(config) -> None:
@@ -249,6 +306,17 @@ class RunConfig:
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}")
         _check(not self.push_to_hub or self.hub_model_id, "push_to_hub needs hub_model_id")
+        if self.hub_model_id is not None:
+            from huggingface_hub.errors import HFValidationError
+            from huggingface_hub.utils import validate_repo_id
+
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError:
+                raise InputError(
+                    f"hub_model_id {self.hub_model_id!r} is not a Hub repository id: use 'name' or 'owner/name' "
+                    "with letters, digits, '-', '_' and '.'"
+                ) from None
 
 
 @dataclasses.dataclass
@@ -274,21 +342,91 @@ class TrainConfig:
         _check(not unknown, f"unknown recipe section(s) {sorted(unknown)}; sections are {sorted(types)}")
         built = {}
         for name, section_type in types.items():
-            values = dict(sections.get(name) or {})
+            values = sections.get(name) or {}
+            hints = typing.get_type_hints(section_type)
             known = {f.name for f in dataclasses.fields(section_type)}
             extra = set(values) - known
             _check(not extra, f"unknown key(s) {sorted(extra)} in section '{name}'; its keys are {sorted(known)}")
-            built[name] = section_type(**values)
+            built[name] = section_type(**{key: _coerce(f"{name}.{key}", hints[key], v) for key, v in values.items()})
         return cls(**built)
 
     @classmethod
     def from_yaml(cls, path: str, overrides: dict | None = None) -> "TrainConfig":
         """A recipe file, with ``overrides`` ({section: {key: value}}) applied on top."""
-        import yaml
+        return cls.from_dict(merge_sections(read_recipe(path), overrides or {}))
 
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    """The sections of a YAML recipe, as written (values are checked by :meth:`TrainConfig.from_dict`)."""
+    import yaml
+
+    try:
         with open(path) as f:
             sections = yaml.safe_load(f) or {}
-        _check(isinstance(sections, dict), f"recipe {path} must be a mapping of sections")
-        for section, values in (overrides or {}).items():
-            sections.setdefault(section, {}).update(values)
-        return cls.from_dict(sections)
+    except yaml.YAMLError as err:
+        raise InputError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    _check(isinstance(sections, dict), f"recipe {path} must be a mapping of sections")
+    for name, values in sections.items():
+        _check(values is None or isinstance(values, dict), f"recipe {path}: section '{name}' must be a mapping of keys, got {values!r}")
+    return sections
+
+
+def merge_sections(base: dict, overrides: dict) -> dict:
+    """``base`` with the keys of ``overrides`` replaced, section by section."""
+    return {name: {**(base.get(name) or {}), **(overrides.get(name) or {})} for name in {*base, *overrides}}
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming
+
+#: The fields a resumed run may change: none of them alters the trajectory of training up to the
+#: step it resumes from. More epochs or steps stretch the learning-rate and revision schedules
+#: from that step on, as a longer run would have them.
+CHANGEABLE_AT_RESUME = {
+    "optim": {"epochs", "max_steps"},
+    "run": {f.name for f in dataclasses.fields(RunConfig)} - {"output_dir"},
+}
+
+
+def run_folder_of(resume_from: str | os.PathLike) -> Path:
+    """The run folder that ``resume_from`` (a run folder or one of its checkpoints) belongs to."""
+    path = Path(resume_from)
+    for candidate in (path, path.parent.parent):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise InputError(f"cannot resume from {str(resume_from)!r}: it is not a run folder (no config.yaml) nor one of its checkpoints")
+
+
+def config_for_resume(resume_from: str, overrides: dict | None = None) -> TrainConfig:
+    """The configuration of the run that ``resume_from`` belongs to, written to its folder, with
+    ``overrides`` on top; an override that would change the run's trajectory is refused."""
+    folder = run_folder_of(resume_from)
+    saved = TrainConfig.from_yaml(str(folder / "config.yaml"))
+    sections = merge_sections(saved.to_dict(), {"run": {"output_dir": str(folder)}})
+    sections = merge_sections(sections, overrides or {})
+    sections["run"]["resume_from"] = str(resume_from)
+    config = TrainConfig.from_dict(sections)
+    check_resume_changes(saved, config, folder)
+    return config
+
+
+def check_resume_changes(saved: TrainConfig, config: TrainConfig, folder: Path) -> None:
+    """Refuse, naming them, changes to ``saved`` (the run's own configuration) that a resumed
+    run may not make; the run continues in its own folder."""
+    if Path(config.run.output_dir).resolve() != folder.resolve():
+        raise InputError(
+            f"a resumed run continues in its own folder {str(folder)!r}, not output_dir {config.run.output_dir!r}; "
+            "to branch it, copy the run folder and resume the copy"
+        )
+    old, new = saved.to_dict(), config.to_dict()
+    changed = [
+        f"{section}.{key} ({old[section][key]!r} -> {value!r})"
+        for section, values in new.items() for key, value in values.items()
+        if value != old[section][key] and key not in CHANGEABLE_AT_RESUME.get(section, ())
+    ]
+    if changed:
+        raise InputError(
+            f"cannot change {', '.join(changed)} when resuming {str(folder)!r}: it would change the run's trajectory. "
+            "At resume only optim.epochs, optim.max_steps and the run section (logging, evaluation, checkpoints, "
+            f"push) may change; to train on with other settings, start a new run with --init-from {folder}"
+        )

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig
+from .config import DataConfig, InputError
 
 if TYPE_CHECKING:
     import datasets
@@ -37,7 +37,7 @@ class DatasetUnavailableError(ConnectionError):
     """A Hub dataset could not be reached (no network, or offline mode)."""
 
 
-class ColumnDetectionError(ValueError):
+class ColumnDetectionError(InputError):
     """The dataset has no recognisable image or label column."""
 
 
@@ -78,6 +78,8 @@ def load_dataset_dict(name: str, config_name: str | None = None):
         ) from err
     except FileNotFoundError as err:
         raise FileNotFoundError(f"No dataset {name!r}: not a local folder, packaged dataset or Hub id ({err})") from err
+    except ValueError as err:  # e.g. a configuration name the dataset does not have
+        raise InputError(f"cannot load the dataset {name!r}: {str(err).splitlines()[0]}") from None
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict(train=loaded)
     return loaded
@@ -134,11 +136,11 @@ def choose_splits(available: list[str], train_split: str | None, eval_split: str
     :data:`EVAL_SPLIT_CANDIDATES` that exists."""
     for given in (train_split, eval_split):
         if given is not None and given not in available:
-            raise ValueError(f"split {given!r} is not in the dataset; its splits are {available}")
+            raise InputError(f"split {given!r} is not in the dataset; its splits are {available}")
     train = train_split or ("train" if "train" in available else None)
     evaluation = eval_split or next((s for s in EVAL_SPLIT_CANDIDATES if s in available), None)
     if train is None or evaluation is None:
-        raise ValueError(
+        raise InputError(
             f"Cannot tell the training and evaluation splits apart among {available}; "
             "name them with --train-split and --eval-split."
         )
@@ -154,7 +156,7 @@ def balanced_subset_indices(labels, n: int, seed: int = 0) -> list[int]:
     """
     labels = np.asarray(labels)
     if n > len(labels):
-        raise ValueError(f"asked for a subset of {n} examples from a split of {len(labels)}")
+        raise InputError(f"asked for a subset of {n} examples from a split of {len(labels)}")
     classes = np.unique(labels)
     rng = np.random.default_rng(seed)
     chosen = []
@@ -162,7 +164,7 @@ def balanced_subset_indices(labels, n: int, seed: int = 0) -> list[int]:
         wanted = n // len(classes) + (1 if rank < n % len(classes) else 0)
         members = np.flatnonzero(labels == cls)
         if wanted > len(members):
-            raise ValueError(f"class {cls} has {len(members)} examples, fewer than the {wanted} a balanced subset of {n} needs")
+            raise InputError(f"class {cls} has {len(members)} examples, fewer than the {wanted} a balanced subset of {n} needs")
         chosen.append(rng.permutation(members)[:wanted])
     return sorted(np.concatenate(chosen).tolist())
 
@@ -183,18 +185,23 @@ class ImageClassificationData:
 
 
 def load_data(config: DataConfig) -> ImageClassificationData:
-    """Load, detect columns and splits, take subsets, and set the tensor transform."""
+    """Load, detect columns and splits, check the labels of both splits against the training
+    classes, take subsets, and set the tensor transform."""
     splits = load_dataset_dict(config.dataset, config.dataset_config)
     train_name, eval_name = choose_splits(list(splits), config.train_split, config.eval_split)
-    train, evaluation = splits[train_name], splits[eval_name]
-    image_col, label_col = detect_columns(train.features, config.image_column, config.label_column)
+    image_col, label_col = detect_columns(splits[train_name].features, config.image_column, config.label_column)
+    class_names = _class_names(splits[train_name], label_col)
     transform = _ToTensors(image_col, label_col, config.image_size)
-    train = _prepare_split(train, label_col, config.train_subset, config.subset_seed, transform)
-    evaluation = _prepare_split(evaluation, label_col, config.eval_subset, config.subset_seed, transform)
+    prepared = {}
+    for split, subset, flag in ((train_name, config.train_subset, "--train-subset"), (eval_name, config.eval_subset, "--eval-subset")):
+        prepared[split] = _prepare_split(splits[split], split, label_col, len(class_names), subset, flag, config.subset_seed, transform)
+    train = prepared[train_name]
+    if config.image_size is None:
+        _check_one_image_size(train, train_name)
     return ImageClassificationData(
         train=train,
-        eval=evaluation,
-        class_names=_class_names(splits[train_name], label_col),
+        eval=prepared[eval_name],
+        class_names=class_names,
         image_size=config.image_size or train[0]["image"].shape[-1],
         name=config.dataset,
     )
@@ -207,26 +214,64 @@ def load_eval_split(config: DataConfig, n_examples: int | None = None):
     splits = load_dataset_dict(config.dataset, config.dataset_config)
     split = config.eval_split or next((s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
     if split not in splits:
-        raise ValueError(f"no evaluation split {split!r}; the dataset's splits are {list(splits)} (set --split)")
+        raise InputError(f"no evaluation split {split!r}; the dataset's splits are {list(splits)} (set --split)")
     image_col, label_col = detect_columns(splits[split].features, config.image_column, config.label_column)
     transform = _ToTensors(image_col, label_col, config.image_size)
-    dataset = _prepare_split(splits[split], label_col, n_examples, config.subset_seed, transform)
-    return dataset, split, _class_names(splits[split], label_col)
+    class_names = _class_names(splits[split], label_col)
+    dataset = _prepare_split(splits[split], split, label_col, len(class_names), n_examples, "--n-examples", config.subset_seed, transform)
+    if config.image_size is None:
+        _check_one_image_size(dataset, split)
+    return dataset, split, class_names
 
 
-def _prepare_split(dataset, label_column: str, subset: int | None, seed: int, transform):
+def _prepare_split(dataset, split: str, label_column: str, num_classes: int, subset: int | None, subset_flag: str, seed: int, transform):
+    """Check the split's labels, take its subset, set its transform."""
+    if len(dataset) == 0:
+        raise InputError(f"the {split} split is empty; choose another split")
+    labels = np.asarray(dataset[label_column])
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if len(outside):
+        values, counts = np.unique(outside, return_counts=True)
+        found = ", ".join(f"{v} ({c}x)" for v, c in zip(values[:5].tolist(), counts[:5].tolist()))
+        raise InputError(
+            f"the {split} split has {len(outside)} labels outside the {num_classes} training classes: {found}. "
+            "An unlabelled split (label -1)? Name a labelled one with --eval-split (or --split)."
+        )
     if subset:
-        dataset = dataset.select(balanced_subset_indices(dataset[label_column], subset, seed))
+        if subset > len(labels):
+            raise InputError(f"{subset_flag} {subset} is larger than the {split} split ({len(labels)} examples)")
+        dataset = dataset.select(balanced_subset_indices(labels, subset, seed))
     return dataset.with_transform(transform)
 
 
 def _class_names(dataset, label_column: str) -> list[str]:
+    """A ClassLabel's names, else ``"0" ... str(max label)``, with a warning for classes that
+    are (nearly) empty: a stray label silently makes an extra output class."""
     import datasets
 
     feature = dataset.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    return [str(i) for i in range(int(max(dataset[label_column])) + 1)]
+    labels = np.asarray(dataset[label_column])
+    if len(labels) == 0:
+        raise InputError(f"the label column {label_column!r} is empty")
+    counts = np.bincount(labels[labels >= 0])
+    rare = np.flatnonzero(counts * 100 < counts.max())
+    if len(rare):
+        logger.warning(
+            "label(s) %s have %s examples against %d for the largest class: each becomes an output class. "
+            "A stray label? Remove it, or name the classes with a ClassLabel feature.",
+            rare[:5].tolist(), counts[rare[:5]].tolist(), counts.max(),
+        )
+    return [str(i) for i in range(len(counts))]
+
+
+def _check_one_image_size(dataset, split: str, sample: int = 32) -> None:
+    """Images of one size, judged on a sample spread over the split (batches must stack)."""
+    positions = np.linspace(0, len(dataset) - 1, num=min(sample, len(dataset))).round().astype(int).tolist()
+    sizes = {tuple(dataset[i]["image"].shape[-2:]) for i in dict.fromkeys(positions)}
+    if len(sizes) > 1:
+        raise InputError(f"the {split} split has images of different sizes {sorted(sizes)[:3]}: set --image-size to resize them")
 
 
 class _ToTensors:
@@ -249,7 +294,7 @@ def collate(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack examples into ``(images in [0, 1] as float32, labels as int64)``."""
     shapes = {tuple(e["image"].shape) for e in examples}
     if len(shapes) > 1:
-        raise ValueError(f"images of different sizes in one batch {sorted(shapes)[:3]}...; set --image-size to resize them")
+        raise InputError(f"images of different sizes in one batch {sorted(shapes)[:3]}...; set --image-size to resize them")
     images = torch.stack([e["image"] for e in examples]).float().div_(255.0)
     labels = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
     return images, labels

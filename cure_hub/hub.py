@@ -15,12 +15,14 @@ Beside the weights: ``README.md`` (the model card), ``eval_results.json``,
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .evaluation import NORM_NAMES
-from .models import ModelSpec, RobustClassifier, from_transformers_pretrained, model_from_spec
+from .models import ModelSpec, RobustClassifier, check_finite, from_transformers_pretrained, model_from_spec
 
 
 def _read_json(path: Path) -> dict:
@@ -73,7 +75,13 @@ def download_from_hub(repo_id: str, filename: str, revision: str | None = None) 
 def load_export(location: str, config: dict, local: bool, revision: str | None = None,
                 num_classes: int | None = None) -> RobustClassifier:
     """An export (folder or Hub id) whose ``config.json`` is ``config``; ``num_classes``, when it
-    differs from the export's, gives a new, untrained head."""
+    differs from the export's, gives a new, untrained head. Non-finite weights are refused."""
+    model = _load_export(location, config, local, revision, num_classes)
+    check_finite(model.state_dict(), f"the model at {location!r}")
+    return model
+
+
+def _load_export(location: str, config: dict, local: bool, revision: str | None, num_classes: int | None) -> RobustClassifier:
     if "architecture" in config:  # timm layout (models.py has registered the CIFAR architectures)
         import timm
 
@@ -314,7 +322,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     Written to a temporary folder beside ``out_dir`` and renamed into place, so ``out_dir`` is
     either absent or complete. A non-empty ``out_dir`` is refused unless ``overwrite``.
     """
-    import shutil
     import tempfile
 
     import yaml
@@ -324,14 +331,18 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         raise ExportError(f"weights must be one of {list(WEIGHT_CHOICES)}, got {weights!r}")
     if not (run / "model_spec.json").is_file() or not (run / "config.yaml").is_file():
         raise ExportError(f"{run} is not a training run folder (no model_spec.json / config.yaml)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} is not empty; pass --overwrite to replace it")
+    _check_export_target(run, out, overwrite)
+    for leftover in out.parent.glob(f".{out.name}.partial-*"):  # from an export that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     model = load_robust_model(run, weights=weights)
     config = yaml.safe_load((run / "config.yaml").read_text())
     results = _read_json(Path(eval_results)) if eval_results else _eval_results_from_run(run, weights, config)
     summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its writer
     try:
         save_pretrained(model, staging)
         (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
@@ -347,6 +358,34 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+#: What an export folder holds, and nothing else: the only kind of folder ``--overwrite`` replaces.
+EXPORT_FILE_PATTERNS = ("README.md", "*.json", "*.safetensors")
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is an export written by :func:`export_run` (recognised by its files)."""
+    entries = list(folder.iterdir())
+    return (folder / "training_config.json").is_file() and all(
+        entry.is_file() and any(fnmatch.fnmatchcase(entry.name, p) for p in EXPORT_FILE_PATTERNS) for entry in entries
+    )
+
+
+def _check_export_target(run: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output folder whose replacement could destroy anything but an earlier export."""
+    target = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder; choose another output folder")
+    for what, folder in (("the run being exported", run.resolve()), ("the current folder", Path.cwd().resolve())):
+        if target == folder or target in folder.parents:
+            raise ExportError(f"{out} is {what}" + ("" if target == folder else " or holds it") + "; export into a new folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"{out} is not empty; pass --overwrite to replace an earlier export there")
+    if not is_export(out):
+        raise ExportError(f"{out} holds other files than an export; --overwrite only replaces an earlier export, so choose another folder")
 
 
 def rerender_card(folder: str | os.PathLike, eval_results: str | os.PathLike | None = None, repo_id: str | None = None) -> Path:
@@ -370,6 +409,28 @@ class HubPushError(RuntimeError):
     """The push was refused before anything was uploaded."""
 
 
+def check_push_access(repo_id: str, token: str | None = None):
+    """An ``HfApi`` that may write to ``repo_id``: a valid repository id and a token (given, from
+    ``HF_TOKEN`` or from ``hf auth login``) that is not read-only. Cheap: one ``whoami`` call, so the
+    trainer runs it before training rather than after hours of it. The token is never shown."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise HubPushError(f"{repo_id!r} is not a Hub repository id: use 'name' or 'owner/name'") from None
+    token = token or get_token()
+    if not token:
+        raise HubPushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+    api = HfApi(token=token)
+    role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise HubPushError("the Hugging Face token is read-only; create one with write access")
+    return api
+
+
 REQUIRED_EXPORT_FILES = ("config.json", "model.safetensors", "README.md", "eval_results.json")
 
 
@@ -381,20 +442,17 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     when the token is read-only, when the folder is not a complete export, or when the repository
     already holds a model of another architecture (unless ``force``). The token is never logged.
     """
-    from huggingface_hub import HfApi, get_token, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from safetensors.torch import load_file
 
     folder = Path(folder)
     missing = [name for name in REQUIRED_EXPORT_FILES if not (folder / name).is_file()]
     if missing:
         raise HubPushError(f"{folder} is not a complete export (missing {missing}); run `cure-hub export` first")
-    token = token or get_token()
-    if not token:
-        raise HubPushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
-    api = HfApi(token=token)
-    role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
-    if role == "read":
-        raise HubPushError("the Hugging Face token is read-only; create one with write access")
+    check_finite(load_file(folder / "model.safetensors"), f"the export {str(folder)!r}")
+    api = check_push_access(repo_id, token)
+    token = api.token
     local = _read_json(folder / "config.json")
     try:
         remote = _read_json(Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token)))

@@ -22,6 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from . import architectures  # noqa: F401  (registers the CIFAR architectures with timm)
+from .config import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +46,31 @@ MODEL_ALIASES = {
 MIN_PATCH_GRID = 8
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(InputError):
     """The model name is neither a timm architecture, an alias, a transformers model nor a path."""
 
 
 class CheckpointMismatchError(RuntimeError):
     """A state dict does not fit the model; the message lists the missing and unexpected keys."""
+
+
+class NonFiniteWeightsError(InputError):
+    """Weights hold NaN or infinite values: a diverged run, or a corrupted file."""
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or infinite entries, naming the first tensors that hold them."""
+    floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
+    if not floats:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in floats.values()])
+    if bool(finite.all()):
+        return
+    bad = [name for name, ok in zip(floats, finite.tolist()) if not ok]
+    raise NonFiniteWeightsError(
+        f"{source} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. {bad[:3]}): a diverged run or a "
+        "corrupted file; it is not used"
+    )
 
 
 @dataclasses.dataclass
@@ -206,7 +226,7 @@ def create_model(
         )
     if label_names is not None:
         if len(label_names) != model.spec.num_classes:
-            raise ValueError(f"{len(label_names)} label names given for {model.spec.num_classes} classes")
+            raise InputError(f"{len(label_names)} label names given for {model.spec.num_classes} classes")
         model.spec.label_names = list(label_names)
         if model.spec.library == "transformers":
             model.backbone.config.id2label = dict(enumerate(label_names))
@@ -380,19 +400,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        raise InputError(f"unsupported checkpoint format {path.suffix!r} for {str(path)!r}: use .pt, .pth or .safetensors")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"unsupported checkpoint format {path.suffix!r} for {str(path)!r}: use .pt, .pth or .safetensors")
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip each raise their own kind for a damaged file
+        raise InputError(f"cannot read the checkpoint {str(path)!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+        raise InputError(f"{str(path)!r} does not hold a state dict of tensors")
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -402,6 +425,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_weights(model: RobustClassifier, path: str | os.PathLike) -> None:
     """Load a state dict into ``model.backbone`` (keys of the bare model, or of the wrapper)."""
     state = read_state_dict(path)
+    check_finite(state, f"checkpoint {str(path)!r}")
     if state and all(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items()}
     try:

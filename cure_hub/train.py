@@ -15,7 +15,7 @@ def main(argv=None, prog: str = "train.py") -> int:
     config = parse_train_config(argv, prog=prog)
     setup_logging()
     summary = train(config)
-    return 130 if summary.get("interrupted") else 0
+    return 128 + summary["signal"] if summary.get("interrupted") else 0  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":

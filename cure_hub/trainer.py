@@ -11,6 +11,14 @@ Run folder layout::
     weights/revision.safetensors   CURE's revision model at the end
     checkpoints/step_XXXXXXX/      full training state (Accelerate's save_state + ours)
     summary.json             steps, wall time, hardware, final and best evaluation
+
+A checkpoint holds what every process needs to continue exactly as an uninterrupted run would:
+Accelerate's state (model, optimiser, scheduler, each process's global random state), the shared
+counters (:class:`TrainingState`) and, per process, ``process_state_<rank>.pt``: that process's
+augmentation and attack generators, its method state (CURE's revision model) and its model
+buffers (batch-norm statistics, which each process updates on its own batches). A checkpoint is
+written before the evaluation at the end of an epoch, and the evaluation draws from its own
+generator, so a run killed at any point resumes to the same weights, metrics and logs.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .attacks import eval_mode, pgd_attack
-from .config import AttackConfig, MethodConfig, TrainConfig
+from .config import AttackConfig, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
 from .data import collate, load_data, random_crop_flip
 from .methods import Method, build_method
 from .methods.base import unwrap
@@ -45,6 +53,14 @@ from .models import RobustClassifier, create_model, load_weights
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
+PROCESS_STATE_FILE = "process_state_{}.pt"
+#: What a run folder holds besides its configuration: removed by --overwrite-output-dir.
+RUN_OUTPUTS = ("checkpoints", "weights", "export", "metrics.jsonl", "layer_statistics.jsonl", "summary.json")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights became NaN or infinite; nothing of that state is saved or exported."""
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 
@@ -84,15 +100,16 @@ class EpochShuffleSampler(Sampler[int]):
 
 @dataclasses.dataclass
 class TrainingState:
-    """Counters and generators saved with every checkpoint (registered with Accelerate)."""
+    """Counters shared by every process, saved with every checkpoint (registered with Accelerate)."""
 
     step: int = 0
     epoch: int = 0
     batches_done_in_epoch: int = 0
     best_pgd_accuracy: float = -1.0
-    method_state: dict = dataclasses.field(default_factory=dict)
-    augment_generator_state: torch.Tensor | None = None
-    attack_generator_state: torch.Tensor | None = None
+    #: The step of the last evaluation whose results are kept (-1: none yet).
+    evaluated_at_step: int = -1
+    #: Training time of every segment of the run up to this checkpoint.
+    train_seconds: float = 0.0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,12 +174,19 @@ class Trainer:
             project_dir=str(self.output_dir),
             dataloader_config=DataLoaderConfiguration(split_batches=False),
         )
-        self._stop_requested = False
+        if not self.accelerator.is_main_process:  # one copy of every log line, as Accelerate's logger
+            logging.getLogger("cure_hub").setLevel(logging.ERROR)
+        self._stop_signal: int | None = None
+        self._checkpointed_at: tuple | None = None
 
     # ---- setup ------------------------------------------------------------------------------
     def _prepare(self):
         config, accelerator = self.config, self.accelerator
         self._check_output_dir()
+        if config.run.push_to_hub and accelerator.is_main_process:  # before hours of training, not after
+            from .hub import check_push_access
+
+            check_push_access(config.run.hub_model_id)
         set_seed(config.optim.seed)
         data = load_data(config.data)
         model = build_model(config, data.num_classes, data.image_size, data.class_names)
@@ -200,6 +224,7 @@ class Trainer:
         # scheduler once per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, self.total_steps, config.optim))
         self.state = TrainingState()
+        self._restored_method_state: dict = {}
         accelerator.register_for_checkpointing(self.scheduler, self.state)
         device_seed = config.optim.seed + accelerator.process_index
         self.augment_generator = torch.Generator(device=accelerator.device).manual_seed(device_seed)
@@ -214,21 +239,39 @@ class Trainer:
         self.method_started = False
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            _remove_partial_writes(self.output_dir)
             with open(self.output_dir / "config.yaml", "w") as f:
                 yaml.safe_dump(config.to_dict(), f, sort_keys=False)
             (self.output_dir / "model_spec.json").write_text(json.dumps(model.spec.to_dict(), indent=2))
         if config.run.report_to != "none":
             accelerator.init_trackers(self.output_dir.name, config=_flatten(config.to_dict()))
+        logger.info(
+            "training %s (%.2fM parameters) on %s: %d training and %d evaluation examples, %d classes, %d px; %s for "
+            "%d steps (%d per epoch) on %s; writing to %s",
+            config.model.model, sum(p.numel() for p in model.parameters()) / 1e6, data.name, len(data.train),
+            len(data.eval), data.num_classes, data.image_size, config.method.method, self.total_steps,
+            self.steps_per_epoch, _hardware(accelerator), self.output_dir,
+        )
 
     def _check_output_dir(self):
         run = self.config.run
-        if run.resume_from or run.overwrite_output_dir:
+        if run.resume_from:  # the run continues in its own folder, with its own trajectory
+            folder = run_folder_of(run.resume_from)
+            check_resume_changes(TrainConfig.from_yaml(str(folder / "config.yaml")), self.config, folder)
             return
-        if (self.output_dir / "config.yaml").exists():
+        if not (self.output_dir / "config.yaml").exists():
+            return
+        if not run.overwrite_output_dir:
             raise FileExistsError(
                 f"{self.output_dir} already holds a run; pass --resume-from {self.output_dir} to continue it, "
                 "--overwrite-output-dir to replace it, or another --output-dir"
             )
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:  # the old run's outputs, and nothing else in the folder
+            for name in RUN_OUTPUTS:
+                path = self.output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
 
     def _optimizer(self, model):
         optim = self.config.optim
@@ -240,8 +283,8 @@ class Trainer:
         if self.method_started or self.state.step < self.warmup_steps:
             return
         self.method.setup(unwrap(self.model), total_steps=self.total_steps - self.warmup_steps, seed=self.config.optim.seed)
-        if self.state.method_state:
-            self.method.load_state_dict(self.state.method_state)
+        if self._restored_method_state:
+            self.method.load_state_dict(self._restored_method_state)
         self.method_started = True
 
     @property
@@ -252,39 +295,96 @@ class Trainer:
     def _checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
+    def _checkpoints(self, run_dir: Path | None = None) -> list[Path]:
+        """The complete checkpoints of a run folder (this run's by default), oldest first."""
+        return sorted((run_dir or self.output_dir).glob(f"checkpoints/{CHECKPOINT_PREFIX}[0-9]*[0-9]"))
+
     def save_checkpoint(self) -> Path:
-        """Write the full training state to a temporary folder, then rename it into place."""
-        accelerator = self.accelerator
-        self.state.method_state = self.method.state_dict() if self.method_started else {}
-        self.state.augment_generator_state = self.augment_generator.get_state()
-        self.state.attack_generator_state = self.attack_generator.get_state()
-        final = self._checkpoint_dir() / f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
+        """Write the full training state to a temporary folder, then rename it into place. Weights
+        that are not finite are never written: the run stops instead."""
+        accelerator, state = self.accelerator, self.state
+        final = self._checkpoint_dir() / f"{CHECKPOINT_PREFIX}{state.step:07d}"
+        position = (state.step, state.epoch, state.batches_done_in_epoch)
+        if self._checkpointed_at == position:  # nothing has changed since (a resumed or stopped run)
+            return final
+        self._check_weights_finite()
+        state.train_seconds = self._train_seconds()
         partial = final.with_name(final.name + ".partial")
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial), safe_serialization=True)
         accelerator.wait_for_everyone()
+        process_state = {
+            "augment_generator": self.augment_generator.get_state(),
+            "attack_generator": self.attack_generator.get_state(),
+            "method": self.method.state_dict() if self.method_started else {},
+            "model_buffers": dict(unwrap(self.model).named_buffers()),
+        }
+        torch.save(process_state, partial / PROCESS_STATE_FILE.format(accelerator.process_index))
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
-            for old in sorted(self._checkpoint_dir().glob(f"{CHECKPOINT_PREFIX}[0-9]*"))[: -self.config.run.keep_checkpoints]:
+            for old in self._checkpoints()[: -self.config.run.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
+        self._checkpointed_at = position
         return final
+
+    def _check_weights_finite(self) -> None:
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise TrainingDivergedError(self._divergence_message("the weights are"))
+
+    def _divergence_message(self, what: str) -> str:
+        found = self._checkpoints()
+        last = f"the last finite checkpoint is {found[-1]}" if found else "no checkpoint was written"
+        return (
+            f"training diverged at step {self.state.step + 1}: {what} not finite (NaN or inf). Nothing was exported; "
+            f"{last}. Lower the learning rate (--lr, now {self.config.optim.lr:g}) or check the data and the starting weights."
+        )
 
     def _resume(self):
         location = Path(self.config.run.resume_from)
         if not (location / "random_states_0.pkl").exists():
-            found = sorted((location / "checkpoints").glob(f"{CHECKPOINT_PREFIX}[0-9]*"))
-            found = [p for p in found if not p.name.endswith(".partial")]
+            found = self._checkpoints(location)
             if not found:
                 raise FileNotFoundError(f"no checkpoint in {location} (expected checkpoints/{CHECKPOINT_PREFIX}*)")
             location = found[-1]
-        self.accelerator.load_state(str(location))
-        self.augment_generator.set_state(self.state.augment_generator_state)
-        self.attack_generator.set_state(self.state.attack_generator_state)
-        logger.info("resumed from %s at step %d", location, self.state.step)
+        accelerator, state = self.accelerator, self.state
+        accelerator.load_state(str(location))
+        process_file = location / PROCESS_STATE_FILE.format(accelerator.process_index)
+        if not process_file.is_file():
+            raise FileNotFoundError(
+                f"{location} has no state for process {accelerator.process_index} ({process_file.name}): it was written "
+                "by fewer processes; resume with the number of processes that wrote it"
+            )
+        process_state = torch.load(process_file, map_location="cpu", weights_only=True)
+        self.augment_generator.set_state(process_state["augment_generator"])
+        self.attack_generator.set_state(process_state["attack_generator"])
+        self._restored_method_state = process_state["method"]
+        unwrap(self.model).load_state_dict(process_state["model_buffers"], strict=False)
+        self._start_method_if_due()
+        self._checkpointed_at = (state.step, state.epoch, state.batches_done_in_epoch)
+        if accelerator.is_main_process:
+            self._truncate_logs()
+        logger.info("resumed from %s at step %d of %d", location, state.step, self.total_steps)
+
+    def _truncate_logs(self) -> None:
+        """Drop what was logged after the checkpoint: the resumed run logs it again. An evaluation at
+        the checkpoint's own step came after it (checkpoints precede evaluations)."""
+        step = self.state.step
+
+        def kept(record: dict, log: str) -> bool:
+            is_evaluation = any(key.startswith("eval/") for key in record)
+            return record["step"] < step or (record["step"] == step and not (log == "metrics.jsonl" and is_evaluation))
+
+        for log in ("metrics.jsonl", "layer_statistics.jsonl"):
+            path = self.output_dir / log
+            if path.is_file():
+                lines = [line for line in path.read_text().splitlines() if line.strip()]
+                _write_atomically(path, "".join(line + "\n" for line in lines if kept(json.loads(line), log)))
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -296,9 +396,12 @@ class Trainer:
             steps=self.config.run.eval_attack_steps, norm=self.config.attack.norm, random_start="uniform",
         )
         clean, robust = [], []
+        # Its own generator: the evaluation is the same whenever it runs, and leaves training's
+        # random streams untouched (evaluating more or less often does not change the run).
+        generator = torch.Generator(self.accelerator.device).manual_seed(self.config.optim.seed)
         with eval_mode(model), self.accelerator.autocast():
             for images, labels in self.eval_loader:
-                adversarial = pgd_attack(model, images, labels, attack) if attack.steps else images
+                adversarial = pgd_attack(model, images, labels, attack, generator=generator) if attack.steps else images
                 correct = torch.stack([model(images).argmax(1) == labels, model(adversarial).argmax(1) == labels])
                 correct = self.accelerator.gather_for_metrics(correct.T).T  # drops the padding of the last batch
                 clean.append(correct[0])
@@ -310,17 +413,30 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> dict:
         self._prepare()
+        self._segment_started = time.perf_counter()
+        self._seconds_before_segment = 0.0
         if self.config.run.resume_from:
             self._resume()
+            self._seconds_before_segment = self.state.train_seconds
         accelerator, config, state = self.accelerator, self.config, self.state
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop) if _in_main_thread() else None
+        previous_handlers = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if _in_main_thread() else {}
         progress = tqdm(total=self.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
-        started, images_seen = time.perf_counter(), 0
+        images_seen = 0
         self.model.train()
         try:
-            while state.step < self.total_steps:
+            if self._epoch_end_evaluation_due():  # stopped between an epoch's checkpoint and its evaluation
+                self._evaluate_and_keep_best()
+            while state.step < self.total_steps and self._stop_signal is None:
+                loader = self.train_loader
+                if state.batches_done_in_epoch:
+                    loader = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
+                # The prepared loader sets its sampler's epoch from its own counter, which starts at 0
+                # in every process: a resumed run must set it, or it replays epoch 0's order. Under
+                # several processes the skipping loader's set_epoch does not reach the sampler
+                # (wrapped twice), so the sampler is set too, to the same epoch.
+                loader.set_epoch(state.epoch)
                 self.sampler.set_epoch(state.epoch)
-                loader = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch) if state.batches_done_in_epoch else self.train_loader
+                finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
                 for images, labels in loader:
                     self._start_method_if_due()
                     method = self.active_method
@@ -329,10 +445,13 @@ class Trainer:
                     with accelerator.accumulate(self.model), accelerator.autocast():
                         output = method.compute_loss(self.model, images, labels)
                         accelerator.backward(output.loss)
+                    finite &= torch.isfinite(output.loss.detach())
                     state.batches_done_in_epoch += 1
                     images_seen += len(labels) * accelerator.num_processes
                     if not accelerator.sync_gradients:
                         continue
+                    self._agree_on_divergence_and_stop(finite)
+                    finite.fill_(True)
                     logs_now = self._logs_at(state.step + 1)
                     method.record_statistics = logs_now
                     extra = method.before_optimizer_step(self.model)
@@ -344,48 +463,62 @@ class Trainer:
                     state.step += 1
                     progress.update(1)
                     if logs_now:
-                        rate = images_seen / (time.perf_counter() - started)
+                        rate = images_seen / (time.perf_counter() - self._segment_started)
                         self._log({**output.metrics, **extra}, images_per_second=rate, progress=progress)
                         self._log_layer_statistics(method)
                     if config.run.checkpoint_every_steps and state.step % config.run.checkpoint_every_steps == 0:
                         self.save_checkpoint()
-                    if state.step >= self.total_steps or self._should_stop():
+                    if state.step >= self.total_steps or self._stop_signal is not None:
                         break
-                else:  # the epoch ran out
+                else:  # the epoch ran out: checkpoint first, so an evaluation that fails loses nothing
                     state.epoch += 1
                     state.batches_done_in_epoch = 0
-                    if state.epoch % config.run.eval_every_epochs == 0 and state.step < self.total_steps:
-                        self._evaluate_and_keep_best()
                     self.save_checkpoint()
-                    continue
-                break
+                    if self._epoch_end_evaluation_due():
+                        self._evaluate_and_keep_best()
         finally:
             progress.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
-        if self._stop_requested:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+        if self._stop_signal is not None:
             path = self.save_checkpoint()
-            logger.warning("interrupted at step %d; resume with --resume-from %s", state.step, self.output_dir)
-            return {"interrupted": True, "step": state.step, "checkpoint": str(path)}
-        last_eval = self._evaluate_and_keep_best()
+            logger.warning("stopped by %s at step %d; resume with --resume-from %s", signal.Signals(self._stop_signal).name,
+                           state.step, self.output_dir)
+            return {"interrupted": True, "signal": self._stop_signal, "step": state.step, "checkpoint": str(path)}
         self.save_checkpoint()
-        summary = self._finish(last_eval, time.perf_counter() - started)
+        last_eval = self._evaluate_and_keep_best()
+        summary = self._finish(last_eval)
         accelerator.end_training()
         return summary
 
-    def _request_stop(self, signum, frame):
-        if self._stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        logger.warning("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+    def _epoch_end_evaluation_due(self) -> bool:
+        state = self.state
+        return (state.batches_done_in_epoch == 0 and state.epoch > 0 and state.epoch % self.config.run.eval_every_epochs == 0
+                and state.step < self.total_steps and state.evaluated_at_step != state.step)
 
-    def _should_stop(self) -> bool:
-        """Whether any process was interrupted; every process must agree to stop at the same step."""
+    def _train_seconds(self) -> float:
+        """Training time of all the run's segments so far (a resumed run adds its own)."""
+        return self._seconds_before_segment + time.perf_counter() - self._segment_started
+
+    def _request_stop(self, signum, frame):
+        if self._stop_signal is not None:  # a second signal stops at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        logger.warning("%s: stopping after this step and saving a checkpoint (again to abort)", signal.Signals(signum).name)
+
+    def _agree_on_divergence_and_stop(self, finite: torch.Tensor) -> None:
+        """Before the optimiser step: stop with an error if any process's loss is not finite (the
+        weights are still those of the last step), and make every process stop at the same step if
+        any was asked to. One host synchronisation (one all-reduce on several processes)."""
         if self.accelerator.num_processes == 1:
-            return self._stop_requested
-        flag = torch.tensor([float(self._stop_requested)], device=self.accelerator.device)
-        self._stop_requested = bool(self.accelerator.reduce(flag, reduction="sum").item())
-        return self._stop_requested
+            diverged = not bool(finite)
+        else:
+            flags = torch.stack([(~finite).float(), torch.tensor(float(self._stop_signal is not None), device=finite.device)])
+            diverged, stop = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
+            if stop and self._stop_signal is None:
+                self._stop_signal = signal.SIGINT  # another process was interrupted
+        if diverged:
+            raise TrainingDivergedError(self._divergence_message("the loss is"))
 
     def _log(self, metrics: dict, images_per_second: float | None = None, progress=None):
         values = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
@@ -414,6 +547,7 @@ class Trainer:
     def _evaluate_and_keep_best(self) -> dict:
         results = self.evaluate()
         robust = next(v for k, v in results.items() if k.startswith("eval/pgd"))
+        self.state.evaluated_at_step = self.state.step
         self._log(results)
         if robust > self.state.best_pgd_accuracy:
             self.state.best_pgd_accuracy = robust
@@ -436,7 +570,7 @@ class Trainer:
         if metadata is not None:
             (folder / f"{name}.json").write_text(json.dumps(metadata, indent=2))
 
-    def _finish(self, last_eval: dict, seconds: float) -> dict:
+    def _finish(self, last_eval: dict) -> dict:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         model = unwrap(self.model)
@@ -450,7 +584,7 @@ class Trainer:
             "method": self.config.method.method,
             "final_eval": last_eval,
             "best_pgd_accuracy": self.state.best_pgd_accuracy,
-            "train_seconds": seconds,
+            "train_seconds": self._train_seconds(),
             "hardware": _hardware(accelerator),
             "eval_examples": self.eval_examples,
             "git_commit": _git_commit(),
@@ -458,6 +592,7 @@ class Trainer:
         if accelerator.is_main_process:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self._export_and_push(summary)
+            logger.info("saved the run to %s; its Hub-ready export is %s", self.output_dir, summary["export"])
         accelerator.wait_for_everyone()
         return summary
 
@@ -471,6 +606,19 @@ class Trainer:
         if run.push_to_hub:
             summary["pushed"] = push_to_hub(export, run.hub_model_id)
             logger.info("pushed %s to %s", export, run.hub_model_id)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _remove_partial_writes(output_dir: Path) -> None:
+    """Remove what a killed run left half-written (never read: the complete versions are renamed into place)."""
+    for leftover in [*output_dir.glob(f"checkpoints/{CHECKPOINT_PREFIX}*.partial"), *output_dir.glob("weights/.*.partial"),
+                     *output_dir.glob(".*.partial")]:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
 def _git_commit() -> str | None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+from cure_hub.cli import main as cli_main
 from cure_hub.config import TrainConfig
 from cure_hub.hub import ExportError, export_run, load_robust_model
 from cure_hub.trainer import Trainer
@@ -139,26 +140,26 @@ def test_offline_mode_loads_from_the_cache(runs, hub, tmp_path):
 
 def test_loading_a_missing_repository_is_a_one_line_error(hub, tmp_path):
     result = cli(["eval", "tester/no-such-model", "--dataset", "digits"], hub_env(hub, tmp_path / "home"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cure-hub eval: error: no model at 'tester/no-such-model'" in result.stderr
     result = cli(["train", "--init-from", "tester/no-such-model", "--dataset", "digits", "--output-dir", str(tmp_path / "run")],
                  hub_env(hub, tmp_path / "home"))
-    assert result.returncode == 1 and "cure-hub train: error: no model at 'tester/no-such-model'" in result.stderr
+    assert result.returncode == 2 and "cure-hub train: error: no model at 'tester/no-such-model'" in result.stderr
 
 
 def test_push_errors_come_before_any_upload(runs, hub, tmp_path):
     home = tmp_path / "home"
     no_token = cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/errors"], hub_env(hub, home, token=None))
-    assert no_token.returncode == 1 and "no Hugging Face token" in no_token.stderr
+    assert no_token.returncode == 2 and "no Hugging Face token" in no_token.stderr
     read_only = cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/errors"], hub_env(hub, home, token="hf_read"))
-    assert read_only.returncode == 1 and "read-only" in read_only.stderr
+    assert read_only.returncode == 2 and "read-only" in read_only.stderr
     assert "tester/errors" not in hub.state.repos
 
     env = hub_env(hub, home)
     assert cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/errors"], env).returncode == 0
     commits = len(hub.state.repos["tester/errors"].commits)
     other = cli(["push", str(runs["transformers-vit"] / "export"), "--repo-id", "tester/errors"], env)
-    assert other.returncode == 1 and "holds a 'cifar_resnet18' model, not 'vit'" in other.stderr and "--force" in other.stderr
+    assert other.returncode == 2 and "holds a 'cifar_resnet18' model, not 'vit'" in other.stderr and "--force" in other.stderr
     assert len(hub.state.repos["tester/errors"].commits) == commits
     assert cli(["push", str(runs["transformers-vit"] / "export"), "--repo-id", "tester/errors", "--force"], env).returncode == 0
     assert len(hub.state.repos["tester/errors"].commits) == commits + 1
@@ -167,7 +168,7 @@ def test_push_errors_come_before_any_upload(runs, hub, tmp_path):
     incomplete.mkdir()
     (incomplete / "config.json").write_text("{}")
     result = cli(["push", str(incomplete), "--repo-id", "tester/errors"], env)
-    assert result.returncode == 1 and "not a complete export" in result.stderr
+    assert result.returncode == 2 and "not a complete export" in result.stderr
 
 
 def test_private_repo_and_pull_request(runs, hub, tmp_path):
@@ -187,15 +188,38 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_partial(runs, tmp_
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty; pass --overwrite"):
         export_run(runs["cifar"], out)
+    with pytest.raises(ExportError, match="holds other files than an export"):
+        export_run(runs["cifar"], out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     with pytest.raises(ExportError, match="no 'revision' weights|weights"):
         export_run(runs["cifar"], tmp_path / "rev", weights="nonsense")
-    export_run(runs["cifar"], out, weights="revision", overwrite=True)
-    assert not (out / "keep.txt").exists()
-    assert json.loads((out / "training_config.json").read_text())["weights"] == "revision"
+    leftover = tmp_path / ".export.partial-killed"  # what an export killed half-way leaves
+    leftover.mkdir()
+    export = tmp_path / "export"
+    export_run(runs["cifar"], export)
+    export_run(runs["cifar"], export, weights="revision", overwrite=True)  # an earlier export is replaced
+    assert json.loads((export / "training_config.json").read_text())["weights"] == "revision"
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
-    entry = json.loads((out / "robustbench.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert export.stat().st_mode & 0o777 == 0o777 & ~umask
+    entry = json.loads((export / "robustbench.json").read_text())
     assert entry["eps"] == "8/255" and entry["additional_data"] is False and entry["threat_model"] == "Linf"
+
+
+def test_export_overwrite_never_replaces_the_run_its_parents_or_the_current_folder(runs, tmp_path, monkeypatch, capsys):
+    run = runs["cifar"]
+    before = sorted(p.relative_to(run.parent) for p in run.parent.rglob("*"))
+    monkeypatch.chdir(run / "weights")
+    for target, message in ((run, "is the run being exported"), (run.parent, "or holds it"),
+                            (".", "is the current folder"), ("..", "is the run being exported")):
+        assert cli_main(["export", str(run), str(target), "--overwrite"]) == 2
+        error = capsys.readouterr().err
+        assert message in error and "Traceback" not in error, error
+    (tmp_path / "a-file").write_text("x")
+    assert cli_main(["export", str(run), str(tmp_path / "a-file"), "--overwrite"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert sorted(p.relative_to(run.parent) for p in run.parent.rglob("*")) == before
 
 
 def test_card_command_rerenders_after_a_new_evaluation(runs, tmp_path):

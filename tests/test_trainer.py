@@ -1,10 +1,8 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -74,22 +72,6 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
             torch.testing.assert_close(value, single[part][key], rtol=1e-4, atol=1e-5, msg=f"{part} {key}")
     assert torch.equal(rank0["revisions_made"], single["revisions_made"])
     assert not all(torch.equal(a, b) for a, b in zip(single["model"].values(), single["revision"].values()))
-
-
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    straight = tiny_config(tmp_path / "straight", run={"checkpoint_every_steps": 2, "keep_checkpoints": 3})
-    Trainer(straight).train()
-    resumed = tiny_config(tmp_path / "resumed", run={"resume_from": str(tmp_path / "straight/checkpoints/step_0000002")})
-    Trainer(resumed).train()
-    for name in ("last", "revision"):
-        a = load_file(tmp_path / "straight" / "weights" / f"{name}.safetensors")
-        b = load_file(tmp_path / "resumed" / "weights" / f"{name}.safetensors")
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name} {key}"
-    halfway = load_file(tmp_path / "straight" / "checkpoints" / "step_0000002" / "model.safetensors")
-    last = load_file(tmp_path / "straight" / "weights" / "last.safetensors")
-    assert not torch.equal(halfway["backbone.conv1.weight"], last["conv1.weight"])  # steps 3-4 did move it
 
 
 def test_warmup_epochs_train_naturally_then_switch(tmp_path):
@@ -204,30 +186,6 @@ def test_refuses_to_overwrite_a_run(tmp_path):
         Trainer(tiny_config(tmp_path / "run", optim={"max_steps": 1})).train()
 
 
-def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path):
-    command = [
-        sys.executable, str(REPO / "cure_hub" / "train.py"), "--model", "cifar_resnet18", "--model-kwargs", "width=4",
-        "--dataset", "digits", "--max-steps", "400", "--batch-size", "16", "--steps", "2", "--eval-subset", "20",
-        "--eval-attack-steps", "1", "--log-every-steps", "1", "--output-dir", str(tmp_path / "run"),
-    ]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
-    assert len(checkpoints) == 1 and not checkpoints[0].name.endswith(".partial")
-    stopped_at = int(checkpoints[0].name.split("_")[1])
-    assert 3 <= stopped_at < 400
-    resumed = subprocess.run([*command, "--resume-from", str(tmp_path / "run"), "--max-steps", str(stopped_at + 2)],
-                             env=ENV, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == stopped_at + 2
-
-
 def test_lr_schedules():
     config = TrainConfig().optim
     assert [lr_multiplier(s, 100, config) for s in (0, 74, 75, 89, 90, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
@@ -253,7 +211,7 @@ def test_cure_hub_train_runs_the_readme_recipe(tmp_path):
 def test_cure_hub_train_reports_bad_input_in_one_line(tmp_path, capsys):
     code = cli_main(["train", "--model", "resnet_nope", "--dataset", "digits", "--output-dir", str(tmp_path / "run")])
     error = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in error
+    assert code == 2 and "Traceback" not in error
     assert "cure-hub train: error: Unknown model 'resnet_nope'" in error
 
 
