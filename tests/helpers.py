@@ -7,19 +7,31 @@ from cure_hub.attacks import pgd_attack
 from cure_hub.config import AttackConfig
 
 
-def robust_vs_fragile_task(n: int, size: int = 16, seed: int = 0):
-    """Two classes carried by two features: a faint checkerboard (amplitude 3/255, perfectly
-    predictive, inside the 8/255 ball, so fragile) and the image's brightness (+-32/255 on top of
-    noise, predictive only in part, but robust). Natural training leans on the faint feature;
-    robust training must use brightness."""
+def robust_vs_fragile_task(n: int, size: int = 16, seed: int = 0, brightness_predicts: bool = True):
+    """Two classes carried by two features: a faint checkerboard of 2-pixel squares (amplitude
+    4/255, perfectly predictive, inside the 8/255 ball, so fragile) and the image's brightness
+    (+-32/255 on top of noise, predictive only in part, but robust). Robust training must use
+    brightness.
+
+    With ``brightness_predicts=False`` the brightness shift is drawn independently of the label:
+    a model trained on that data can only use the checkerboard, so it is non-robust by
+    construction on any machine, whatever the thread count or floating-point order of training
+    (a model trained on the full task may or may not lean on brightness in part)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 2, (n,), generator=g)
     sign = labels.float() * 2 - 1
-    checker = ((torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2).float() * 2 - 1
-    brightness = 0.5 + sign.view(-1, 1, 1, 1) * (32 / 255) + 0.1 * torch.randn(n, 1, 1, 1, generator=g)
+    brightness_sign = sign if brightness_predicts else torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    squares = torch.arange(size) // 2
+    checker = ((squares[:, None] + squares[None, :]) % 2).float() * 2 - 1
+    brightness = 0.5 + brightness_sign.view(-1, 1, 1, 1) * (32 / 255) + 0.1 * torch.randn(n, 1, 1, 1, generator=g)
     pixels = brightness + 0.03 * torch.randn(n, 3, size, size, generator=g)
-    images = pixels + sign.view(-1, 1, 1, 1) * (3 / 255) * checker
+    images = pixels + sign.view(-1, 1, 1, 1) * (4 / 255) * checker
     return images.clamp(0, 1), labels
+
+
+def non_robust_natural_model(seed: int = 0):
+    """A tiny ResNet trained naturally on the fragile feature alone: accurate, and not robust."""
+    return train_naturally(tiny_model(seed=seed), *robust_vs_fragile_task(512, brightness_predicts=False), steps=200)
 
 
 def tiny_model(num_classes: int = 2, seed: int = 0):

@@ -6,15 +6,13 @@ import torch
 from cure_hub.attacks import pgd_attack
 from cure_hub.config import AttackConfig
 from cure_hub.losses import cw_margin, kl_divergence
-from helpers import accuracy, robust_vs_fragile_task, tiny_model, train_naturally
+from helpers import accuracy, non_robust_natural_model, robust_vs_fragile_task
 
 
 @pytest.fixture(scope="module")
 def trained():
-    images, labels = robust_vs_fragile_task(512)
-    model = train_naturally(tiny_model(), images, labels, steps=200)
     test_images, test_labels = robust_vs_fragile_task(128, seed=1)
-    return model.eval(), test_images, test_labels
+    return non_robust_natural_model().eval(), test_images, test_labels
 
 
 @pytest.mark.parametrize(
@@ -44,7 +42,11 @@ def test_attack_raises_its_own_loss_and_lowers_accuracy(trained, loss):
         "cw": lambda z: cw_margin(z, labels).mean(),
     }[loss]
     assert objective(adv_logits) > objective(clean_logits) + 0.1
-    assert accuracy(model, adversarial, labels) < accuracy(model, images, labels) - 0.3
+    # Measured over 6 model seeds and 1 and 2 threads: clean accuracy 1.0; under the CE and CW
+    # attacks 0.0, under the KL attack 0.39-0.60. The KL attack flips about half the examples only:
+    # from TRADES' start x + 0.001 N(0, I) its gradient is second order, and the KL grows in both
+    # directions, so an example may climb towards more confidence in its own class instead.
+    assert accuracy(model, adversarial, labels) < accuracy(model, images, labels) - (0.25 if loss == "kl" else 0.6)
 
 
 def test_mode_restored_no_parameter_gradients_no_graph(trained):
