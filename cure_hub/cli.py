@@ -6,6 +6,7 @@ import argparse
 import fnmatch
 import logging
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 from .arguments import ArgumentParser, key_value, number
@@ -61,14 +62,16 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from .config import DataConfig
+    from .config import DataConfig, InputError
     from .data import collate, load_eval_split
-    from .evaluation import ATTACKS, evaluate_robustness, parse_attacks
+    from .evaluation import ATTACKS, check_model_fits_data, evaluate_robustness, parse_attacks
     from .hub import load_robust_model
     from .models import create_model
     from .plots import write_plots
 
     attacks = parse_attacks(args.attacks)
+    if args.plots and not args.output:
+        raise InputError("--plots draws from the results file: pass --output FILE.json too")
     data_config = DataConfig(dataset=args.dataset, eval_split=args.split, image_column=args.image_column,
                              label_column=args.label_column, image_size=args.image_size, subset_seed=args.seed)
     dataset, split, class_names = load_eval_split(data_config, args.n_examples)
@@ -77,6 +80,7 @@ def _eval(args: argparse.Namespace) -> int:
                              checkpoint=args.checkpoint, **dict(args.model_kwargs or []))
     else:
         model = load_robust_model(args.model, weights=args.weights)
+    check_model_fits_data(model.spec, dataset[0]["image"].shape[-1], class_names)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     logger = logging.getLogger("cure_hub")
     logger.info("evaluating %s on %d examples of %s/%s with %s at eps %.5f (%s)", args.model, len(dataset),
@@ -86,6 +90,8 @@ def _eval(args: argparse.Namespace) -> int:
     batches = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
     results = {
         "model": args.model,
+        # Which weights of a training run were evaluated: export --eval-results refuses others.
+        "weights": args.weights if (Path(args.model) / "model_spec.json").is_file() else None,
         "dataset": args.dataset,
         "split": split,
         **evaluate_robustness(model, batches, attacks, epsilon=args.epsilon, norm=args.norm, eps_sweep=args.eps_sweep,

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attacks import pgd_attack
-from .config import AttackConfig
+from .config import AttackConfig, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,24 @@ AT_LEAST_AS_STRONG_AS = {
 def natural_robustness_ratio(natural: float, robust: float) -> float:
     """NRR = 2 · Nat · Rob / (Nat + Rob), the harmonic mean of clean and robust accuracy."""
     return 0.0 if natural + robust == 0 else 2 * natural * robust / (natural + robust)
+
+
+def check_model_fits_data(spec, image_size: int, class_names: list[str]) -> None:
+    """Refuse to evaluate a model on images of another size or with another number of classes
+    (the accuracy would be a meaningless number); warn when only the class names differ."""
+    if spec.image_size != image_size:
+        raise InputError(
+            f"the model was trained on {spec.image_size} px images, the evaluation data has {image_size} px images: "
+            f"evaluate it on the data it was trained for, or pass --image-size {spec.image_size} to resize"
+        )
+    if spec.num_classes != len(class_names):
+        raise InputError(
+            f"the model has {spec.num_classes} classes, the evaluation data {len(class_names)} ({class_names[:5]}...): "
+            "evaluate it on the data it was trained for"
+        )
+    if spec.label_names and list(spec.label_names) != list(class_names):
+        logger.warning("the model's classes %s are not the data's %s; accuracy compares label indices",
+                       list(spec.label_names)[:5], list(class_names)[:5])
 
 
 def parse_attacks(names: str | list[str]) -> list[str]:

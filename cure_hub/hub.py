@@ -30,11 +30,16 @@ def _read_json(path: Path) -> dict:
 
 
 def load_robust_model(location: str | os.PathLike, revision: str | None = None, weights: str = "last") -> RobustClassifier:
-    """The [0, 1]-input classifier stored at ``location``.
+    """The [0, 1]-input classifier stored at ``location``, in eval mode (as transformers'
+    ``from_pretrained`` returns models): ready for inference, batch-norm statistics frozen.
 
     ``location`` is a training run folder (``weights`` picks ``last``, ``best`` or ``revision``),
     an export folder, or a Hub repository id (``revision``: a branch, tag or commit).
     """
+    return _load_robust_model(str(location), revision, weights).eval()
+
+
+def _load_robust_model(location: str, revision: str | None, weights: str) -> RobustClassifier:
     path = Path(location)
     if (path / "model_spec.json").is_file():  # a training run
         weights_file = path / "weights" / f"{weights}.safetensors"
@@ -47,10 +52,10 @@ def load_robust_model(location: str | os.PathLike, revision: str | None = None, 
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is neither a run folder (model_spec.json) nor an export (config.json)")
         return load_export(str(path), _read_json(config_file), local=True)
-    if path.suffix or str(location).startswith((".", "/")):
+    if path.suffix or location.startswith((".", "/")):
         raise FileNotFoundError(f"no model at {location!r}")
-    config_file = download_from_hub(str(location), "config.json", revision=revision)
-    return load_export(str(location), _read_json(Path(config_file)), local=False, revision=revision)
+    config_file = download_from_hub(location, "config.json", revision=revision)
+    return load_export(location, _read_json(Path(config_file)), local=False, revision=revision)
 
 
 def download_from_hub(repo_id: str, filename: str, revision: str | None = None) -> str:
@@ -336,7 +341,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         shutil.rmtree(leftover, ignore_errors=True)
     model = load_robust_model(run, weights=weights)
     config = yaml.safe_load((run / "config.yaml").read_text())
-    results = _read_json(Path(eval_results)) if eval_results else _eval_results_from_run(run, weights, config)
+    if eval_results:
+        results = _read_json(Path(eval_results))
+        _check_results_are_of(results, run, weights, eval_results)
+    else:
+        results = _eval_results_from_run(run, weights, config)
+    results = without_local_paths(results)
     summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -346,8 +356,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     try:
         save_pretrained(model, staging)
         (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
-        training = {"weights": weights, "config": config, "model_spec": model.spec.to_dict(), "summary": summary,
-                    "versions": _package_versions(), "git_commit": summary.get("git_commit")}
+        training = without_local_paths({"weights": weights, "config": config, "model_spec": model.spec.to_dict(), "summary": summary,
+                                        "versions": _package_versions(), "git_commit": summary.get("git_commit")})
         (staging / "training_config.json").write_text(json.dumps(training, indent=2))
         (staging / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, config), indent=2))
         model_card(staging, repo_id, name=out.name).save(staging / "README.md")
@@ -358,6 +368,29 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def without_local_paths(value):
+    """``value`` (JSON-like) with every path on this machine replaced by its last component: what
+    is published names a dataset, a run or a starting checkpoint, never the user's file system."""
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and (value.startswith(("/", "./", "../", "~")) or ("/" in value and Path(value).exists())):
+        return Path(value).name
+    return value
+
+
+def _check_results_are_of(results: dict, run: Path, weights: str, results_file) -> None:
+    """Refuse results measured on another model, or on other weights of this run."""
+    evaluated = Path(str(results.get("model", "")))
+    if not (evaluated / "model_spec.json").is_file() or evaluated.resolve() != run.resolve():
+        raise ExportError(f"{results_file} holds results of {results.get('model')!r}, not of the run {str(run)!r}; "
+                          f"evaluate the run: cure-hub eval {run} --weights {weights} ...")
+    if results.get("weights") != weights:
+        raise ExportError(f"{results_file} holds results of the {results.get('weights')} weights, not of the {weights} weights "
+                          f"exported: evaluate them (cure-hub eval {run} --weights {weights} ...) or export --weights {results.get('weights')}")
 
 
 #: What an export folder holds, and nothing else: the only kind of folder ``--overwrite`` replaces.
@@ -392,7 +425,7 @@ def rerender_card(folder: str | os.PathLike, eval_results: str | os.PathLike | N
     """Re-render an export's card, after replacing its ``eval_results.json`` when one is given."""
     folder = Path(folder)
     if eval_results:
-        results = _read_json(Path(eval_results))
+        results = without_local_paths(_read_json(Path(eval_results)))
         (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
         training = _read_json(folder / "training_config.json")
         spec = ModelSpec.from_dict(training["model_spec"])

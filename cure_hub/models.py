@@ -261,6 +261,11 @@ def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs)
         if hasattr(probe, "patch_embed"):
             default_patch = probe.patch_embed.patch_size[0]
             patch = model_args.setdefault("patch_size", choose_patch_size(image_size, default_patch))
+            if not (isinstance(patch, int) and 0 < patch <= image_size and image_size % patch == 0):
+                raise InputError(
+                    f"patch_size={patch!r} does not tile {image_size}x{image_size} images: pass --model-kwargs patch_size=N "
+                    f"with N dividing {image_size}, or leave it out to get {choose_patch_size(image_size, default_patch)}"
+                )
             model_args["img_size"] = image_size
             logger.info(
                 "%s built for %dx%d images: patch size %d, %d tokens, position embeddings for a %dx%d grid",

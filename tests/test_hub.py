@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 from cure_hub.cli import main as cli_main
 from cure_hub.config import TrainConfig
 from cure_hub.hub import ExportError, export_run, load_robust_model
+from cure_hub.models import RobustClassifier
 from cure_hub.trainer import Trainer
 from hub_server import LoopbackHub
 
@@ -234,3 +235,52 @@ def test_card_command_rerenders_after_a_new_evaluation(runs, tmp_path):
     card = ModelCard((out / "README.md").read_text(), ignore_metadata_errors=False)
     assert {r.metric_args["attack"]: r.metric_value for r in card.data.eval_results} == results["accuracy"]
     assert json.loads((out / "robustbench.json").read_text())["autoattack_acc"] == "20.00"
+
+
+def test_loaders_return_eval_mode_models(runs):
+    run = runs["cifar"]
+    for model in (load_robust_model(run), load_robust_model(run / "export"), RobustClassifier.from_pretrained(run)):
+        assert not model.training and not any(m.training for m in model.modules())
+        buffers = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model(torch.rand(1, 3, 8, 8))  # a single image, under no_grad: no statistics change
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+
+
+def test_eval_refuses_data_the_model_was_not_built_for(runs, tmp_path, capsys):
+    from test_input_errors import one_line_error, write_dataset
+
+    two_classes = write_dataset(tmp_path / "two", {"train": [0, 1] * 4, "test": [0, 1] * 4})
+    capsys.readouterr()
+    for flags, message in ((["--dataset", "digits", "--image-size", "16"], "trained on 8 px images, the evaluation data has 16 px"),
+                           (["--dataset", two_classes], "the model has 10 classes, the evaluation data 2")):
+        error = one_line_error([str(runs["cifar"]), "--attacks", "clean", *flags], capsys, command="eval")
+        assert message in error, error
+    assert "--plots draws from the results file" in one_line_error(
+        [str(runs["cifar"]), "--dataset", "digits", "--plots", str(tmp_path)], capsys, command="eval")
+
+
+def test_exports_name_their_results_weights_and_no_local_path(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    config = TrainConfig.from_dict({
+        "model": {**MODELS["cifar"], "init_from": str(runs["cifar"].resolve())},
+        "data": {"dataset": "digits", "augment": False, "eval_subset": 20},
+        "attack": {"steps": 1}, "optim": {"max_steps": 2, "batch_size": 16},
+        "run": {"output_dir": str(run.resolve()), "eval_attack_steps": 1},
+    })
+    Trainer(config).train()
+    results = tmp_path / "results.json"
+    assert cli_main(["eval", str(run), "--dataset", "digits", "--attacks", "clean", "--n-examples", "20", "--output", str(results)]) == 0
+    assert json.loads(results.read_text())["weights"] == "last"
+    capsys.readouterr()
+    assert cli_main(["export", str(run), str(tmp_path / "best"), "--weights", "best", "--eval-results", str(results)]) == 2
+    assert "holds results of the last weights, not of the best weights" in capsys.readouterr().err
+    assert cli_main(["export", str(runs["cifar"]), str(tmp_path / "other"), "--eval-results", str(results)]) == 2
+    assert "not of the run" in capsys.readouterr().err
+    export = export_run(run, tmp_path / "export", eval_results=results)
+    for exported in (export, run / "export"):
+        for file in exported.iterdir():
+            text = file.read_text(errors="ignore") if file.suffix != ".safetensors" else ""
+            assert str(tmp_path) not in text and str(runs["cifar"].parent) not in text, file
+    card = (export / "README.md").read_text()
+    assert f"`{runs['cifar'].name}`" in card  # the start is named, not located
