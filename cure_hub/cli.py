@@ -72,8 +72,9 @@ def _eval(args: argparse.Namespace) -> int:
     attacks = parse_attacks(args.attacks)
     if args.plots and not args.output:
         raise InputError("--plots draws from the results file: pass --output FILE.json too")
-    data_config = DataConfig(dataset=args.dataset, eval_split=args.split, image_column=args.image_column,
-                             label_column=args.label_column, image_size=args.image_size, subset_seed=args.seed)
+    data_config = DataConfig(dataset=args.dataset, eval_split=args.split, eval_split_fraction=args.eval_split_fraction,
+                             image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
+                             subset_seed=args.seed)
     dataset, split, class_names = load_eval_split(data_config, args.n_examples)
     if args.checkpoint:
         model = create_model(args.model, num_classes=len(class_names), image_size=dataset[0]["image"].shape[-1],
@@ -162,13 +163,16 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
     # Listed here for --help only: main() hands everything after "train" to cure_hub/train.py.
     commands.add_parser("train", help="Train a robust model (the flags of cure_hub/train.py; see cure-hub train --help).", add_help=False)
-    evaluate = commands.add_parser("eval", help="Evaluate robustness: clean, PGD-20/100, C&W, AutoAttack, NRR.")
+    evaluate = commands.add_parser("eval", help="Evaluate robustness: clean, PGD-20/100, C&W, AutoAttack, NRR.",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     evaluate.add_argument("model", help="Run folder, export folder, Hub id, or an architecture with --checkpoint.")
     evaluate.add_argument("--checkpoint", help="State dict for an architecture name (e.g. a CIFAR ResNet checkpoint).")
     evaluate.add_argument("--model-kwargs", nargs="+", type=key_value, metavar="KEY=VALUE", help="Constructor arguments with --checkpoint.")
     evaluate.add_argument("--weights", default="last", choices=("last", "best", "revision"), help="Which weights of a run folder.")
     evaluate.add_argument("--dataset", default="uoft-cs/cifar10", help="Dataset id, folder or packaged name.")
     evaluate.add_argument("--split", help="Split to evaluate (default: test, else validation).")
+    evaluate.add_argument("--eval-split-fraction", type=number, metavar="FRACTION",
+                          help="Evaluate on the part of the train split that training held out with the same fraction and seed.")
     evaluate.add_argument("--image-column")
     evaluate.add_argument("--label-column")
     evaluate.add_argument("--image-size", type=int, help="Resize images to this size.")

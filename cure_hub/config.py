@@ -92,6 +92,11 @@ class DataConfig:
     eval_split: str | None = dataclasses.field(
         default=None, metadata={"help": "Evaluation split (default: test, else validation)."}
     )
+    eval_split_fraction: float | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Hold out this fraction of the training split (class-stratified, drawn with subset_seed) as the "
+                          "evaluation split 'held_out': for a dataset with only a train split."},
+    )
     image_size: int | None = dataclasses.field(
         default=None, metadata={"help": "Resize images to this square size (default: keep them as they are)."}
     )
@@ -110,6 +115,10 @@ class DataConfig:
         for name in ("image_size", "train_subset", "eval_subset"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"{name} must be positive, got {value}")
+        fraction = self.eval_split_fraction
+        _check(fraction is None or 0 < fraction < 1, f"eval_split_fraction must be in (0, 1), got {fraction}")
+        _check(fraction is None or self.eval_split is None,
+               "eval_split_fraction makes the evaluation split ('held_out'); do not name an eval_split as well")
 
 
 @dataclasses.dataclass

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "images", "jpg", "png")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "coarse_label", "target", "class", "category", "y")
 EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val", "eval")
+#: The evaluation split that ``eval_split_fraction`` holds out of the training split.
+HELD_OUT_SPLIT = "held_out"
 
 
 class DatasetUnavailableError(ConnectionError):
@@ -187,8 +189,8 @@ class ImageClassificationData:
 def load_data(config: DataConfig) -> ImageClassificationData:
     """Load, detect columns and splits, check the labels of both splits against the training
     classes, take subsets, and set the tensor transform."""
-    splits = load_dataset_dict(config.dataset, config.dataset_config)
-    train_name, eval_name = choose_splits(list(splits), config.train_split, config.eval_split)
+    splits = _load_splits(config)
+    train_name, eval_name = choose_splits(list(splits), config.train_split, config.eval_split or _held_out(config))
     image_col, label_col = detect_columns(splits[train_name].features, config.image_column, config.label_column)
     class_names = _class_names(splits[train_name], label_col)
     transform = _ToTensors(image_col, label_col, config.image_size)
@@ -211,8 +213,8 @@ def load_eval_split(config: DataConfig, n_examples: int | None = None):
     """One split for evaluation (``config.eval_split``, else test / validation): a deterministic,
     class-balanced subset of ``n_examples`` when given. Returns the dataset, its split name and
     the class names."""
-    splits = load_dataset_dict(config.dataset, config.dataset_config)
-    split = config.eval_split or next((s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
+    splits = _load_splits(config)
+    split = config.eval_split or _held_out(config) or next((s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
     if split not in splits:
         raise InputError(f"no evaluation split {split!r}; the dataset's splits are {list(splits)} (set --split)")
     image_col, label_col = detect_columns(splits[split].features, config.image_column, config.label_column)
@@ -222,6 +224,28 @@ def load_eval_split(config: DataConfig, n_examples: int | None = None):
     if config.image_size is None:
         _check_one_image_size(dataset, split)
     return dataset, split, class_names
+
+
+def _load_splits(config: DataConfig) -> dict:
+    """The dataset's splits; with ``eval_split_fraction``, its training split and the part held out
+    of it (stratified by class where the labels are a ClassLabel, the same for the same seed)."""
+    import datasets
+
+    splits = load_dataset_dict(config.dataset, config.dataset_config)
+    if not config.eval_split_fraction:
+        return splits
+    train_name = config.train_split or "train"
+    if train_name not in splits:
+        raise InputError(f"no training split {train_name!r} to hold a part out of; the splits are {list(splits)} (set --train-split)")
+    train = splits[train_name]
+    _, label_column = detect_columns(train.features, config.image_column, config.label_column)
+    stratify = label_column if isinstance(train.features[label_column], datasets.ClassLabel) else None
+    parts = train.train_test_split(test_size=config.eval_split_fraction, seed=config.subset_seed, stratify_by_column=stratify)
+    return {train_name: parts["train"], HELD_OUT_SPLIT: parts["test"]}
+
+
+def _held_out(config: DataConfig) -> str | None:
+    return HELD_OUT_SPLIT if config.eval_split_fraction else None
 
 
 def _prepare_split(dataset, split: str, label_column: str, num_classes: int, subset: int | None, subset_flag: str, seed: int, transform):

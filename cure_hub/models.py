@@ -433,16 +433,19 @@ def load_weights(model: RobustClassifier, path: str | os.PathLike) -> None:
     check_finite(state, f"checkpoint {str(path)!r}")
     if state and all(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items()}
-    try:
-        result = model.backbone.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shapes that differ
-        raise CheckpointMismatchError(f"checkpoint {str(path)!r} does not fit {model.spec.architecture}: {err}") from err
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointMismatchError(
-            f"checkpoint {str(path)!r} does not fit {model.spec.architecture}:\n"
-            f"  missing keys ({len(result.missing_keys)}): {result.missing_keys[:20]}\n"
-            f"  unexpected keys ({len(result.unexpected_keys)}): {result.unexpected_keys[:20]}"
-        )
+    own = model.backbone.state_dict()
+    reshaped = [key for key in state if key in own and state[key].shape != own[key].shape]
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if reshaped:
+        key = reshaped[0]
+        problem = (f"{len(reshaped)} tensors differ in shape, e.g. {key}: {tuple(state[key].shape)} in the checkpoint, "
+                   f"{tuple(own[key].shape)} in the model (another width or depth?)")
+    elif missing or unexpected:
+        problem = f"missing keys ({len(missing)}): {missing[:5]}; unexpected keys ({len(unexpected)}): {unexpected[:5]}"
+    else:
+        model.backbone.load_state_dict(state)
+        return
+    raise CheckpointMismatchError(f"checkpoint {str(path)!r} does not fit {model.spec.architecture} {model.spec.model_args}: {problem}")
 
 
 def model_from_spec(spec: ModelSpec, weights: str | os.PathLike | None = None) -> RobustClassifier:

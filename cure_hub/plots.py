@@ -16,7 +16,10 @@ def _pyplot():
 
 
 def _label(results: dict, path: Path) -> str:
-    return str(results.get("model") or path.stem)
+    """The model's short name, with the weights of a run that were evaluated (several weights of
+    one run get several labels)."""
+    name = Path(str(results["model"])).name if results.get("model") else path.stem
+    return f"{name} ({results['weights']})" if results.get("weights") else name
 
 
 def plot_eps_sweep(results_files: list[Path], output: Path) -> Path | None:
@@ -27,10 +30,15 @@ def plot_eps_sweep(results_files: list[Path], output: Path) -> Path | None:
         return None
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5, 3.5))
+    ticks = set()
     for path, results in runs:
         eps = [float(k.split("/")[0]) for k in results["eps_sweep"]]
+        ticks.update(eps)
         axes.plot(eps, list(results["eps_sweep"].values()), marker="o", label=_label(results, path))
     axes.set(xscale="log", xlabel="ε (× 1/255)", ylabel="PGD-20 accuracy", ylim=(0, 1), title="Accuracy against ε")
+    # One label per ε evaluated, none of the log axis's own (which overprint at these values).
+    axes.minorticks_off()
+    axes.set_xticks(sorted(ticks), [f"{e:g}" for e in sorted(ticks)])
     axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(output, dpi=120)
@@ -50,11 +58,13 @@ def plot_tradeoff(results_files: list[Path], output: Path, robust: str = "pgd20"
     if len(points) < 2:
         return None
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(5, 4))
-    for clean, rob, label, name in points:
-        axes.scatter(clean, rob)
-        axes.annotate(f"{label} ({name})", (clean, rob), fontsize="small", xytext=(4, 4), textcoords="offset points")
-    axes.set(xlabel="clean accuracy", ylabel="robust accuracy", title="Clean–robust trade-off")
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    markers = "osD^vP*X"
+    for index, (clean, rob, label, name) in enumerate(points):  # a legend: labels of close points would overprint
+        axes.scatter(clean, rob, marker=markers[index % len(markers)], s=40, label=f"{label}: {name}")
+    axes.set(xlabel="clean accuracy", ylabel="robust accuracy", xlim=(0, 1), ylim=(0, 1), title="Clean–robust trade-off")
+    axes.set_aspect("equal")
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(output, dpi=120)
     plt.close(figure)

@@ -48,7 +48,7 @@ from .config import AttackConfig, MethodConfig, TrainConfig, check_resume_change
 from .data import collate, load_data, random_crop_flip
 from .methods import Method, build_method
 from .methods.base import unwrap
-from .models import RobustClassifier, create_model, load_weights
+from .models import CheckpointMismatchError, RobustClassifier, create_model, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,9 @@ def lr_multiplier(step: int, total_steps: int, config) -> float:
     return 1.0
 
 
-def build_model(config: TrainConfig, num_classes: int, image_size: int, label_names) -> RobustClassifier:
+def build_model(config: TrainConfig, num_classes: int, image_size: int, label_names, init_weights: str | None = None) -> RobustClassifier:
+    """The network ``config.model`` describes, with the weights of ``init_weights`` (the file that
+    ``config.model.init_from`` resolves to) when given."""
     model = create_model(
         config.model.model,
         num_classes=num_classes,
@@ -140,8 +142,19 @@ def build_model(config: TrainConfig, num_classes: int, image_size: int, label_na
         label_names=label_names,
         **config.model.model_kwargs,
     )
-    if config.model.init_from:
-        load_weights(model, resolve_weights_file(config.model.init_from))
+    if init_weights:
+        try:
+            load_weights(model, init_weights)
+        except CheckpointMismatchError as err:
+            spec_file = Path(config.model.init_from) / "model_spec.json"
+            if not spec_file.is_file():
+                raise
+            spec = json.loads(spec_file.read_text())
+            arguments = " ".join(f"{k}={v}" for k, v in spec["model_args"].items() if k != "num_classes")
+            raise CheckpointMismatchError(
+                f"{err}. The run {config.model.init_from} built {spec['architecture']} with {spec['model_args']}: "
+                f"pass --model {spec['architecture']}" + (f" --model-kwargs {arguments}" if arguments else "")
+            ) from None
         model.spec.source = config.model.init_from
     return model
 
@@ -158,7 +171,13 @@ def resolve_weights_file(location: str) -> str:
         raise FileNotFoundError(f"{location!r} holds no weights (weights/last.safetensors or model.safetensors)")
     from .hub import download_from_hub
 
-    return download_from_hub(location, "model.safetensors")
+    try:
+        return download_from_hub(location, "model.safetensors")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}. If {location!r} is the folder of another run, train that run first: the CURE recipes in recipes/ "
+            "start from the run of the natural recipe named at their top (cure-hub train --recipe recipes/natural_<setting>.yaml)"
+        ) from None
 
 
 class Trainer:
@@ -188,8 +207,10 @@ class Trainer:
 
             check_push_access(config.run.hub_model_id)
         set_seed(config.optim.seed)
+        # Before the data: a missing starting point is found in a second, not after a download.
+        init_weights = resolve_weights_file(config.model.init_from) if config.model.init_from else None
         data = load_data(config.data)
-        model = build_model(config, data.num_classes, data.image_size, data.class_names)
+        model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
         if config.method.method == "cure" and not (config.model.init_from or config.model.pretrained or config.optim.warmup_epochs):
             logger.warning(
                 "CURE from random weights: the method assumes a naturally trained start. Pass "

@@ -17,6 +17,7 @@ from cure_hub.data import (
     collate,
     detect_columns,
     load_data,
+    load_eval_split,
     random_crop_flip,
 )
 
@@ -138,3 +139,22 @@ def test_random_crop_flip_is_a_padded_crop_or_its_mirror_and_reproducible():
         assert plain or mirrored
         flips += mirrored and not plain
     assert 0 < flips < 16
+
+
+def test_eval_split_fraction_holds_out_a_stratified_part_of_a_lone_train_split(tmp_path):
+    from test_input_errors import write_dataset
+
+    folder = write_dataset(tmp_path / "only-train", {"train": [0, 1] * 40})
+    with pytest.raises(ValueError, match="Cannot tell the training and evaluation splits apart"):
+        load_data(DataConfig(dataset=folder))
+    data = load_data(DataConfig(dataset=folder, eval_split_fraction=0.25))
+    assert len(data.train) == 60 and len(data.eval) == 20
+    assert Counter(int(data.eval[i]["label"]) for i in range(20)) == {0: 10, 1: 10}  # stratified
+    again = load_data(DataConfig(dataset=folder, eval_split_fraction=0.25))
+    assert all(torch.equal(again.eval[i]["image"], data.eval[i]["image"]) for i in range(20))
+    train_images = {data.train[i]["image"].numpy().tobytes() for i in range(60)}
+    assert not any(data.eval[i]["image"].numpy().tobytes() in train_images for i in range(20))  # disjoint
+    dataset, split, _ = load_eval_split(DataConfig(dataset=folder, eval_split_fraction=0.25))
+    assert split == "held_out" and all(torch.equal(dataset[i]["image"], data.eval[i]["image"]) for i in range(20))
+    with pytest.raises(ValueError, match="do not name an eval_split as well"):
+        DataConfig(dataset=folder, eval_split_fraction=0.25, eval_split="test")

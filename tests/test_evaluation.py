@@ -113,3 +113,11 @@ def test_unknown_attack_and_autoattack_on_two_classes(natural_run):
     batch = [(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))]
     with pytest.raises(ValueError, match="at least 4 classes.*Use apgd-ce"):
         evaluate_robustness(two_classes, batch, ["clean", "aa"], progress=False)
+
+
+def test_plot_labels_name_the_run_and_its_weights(tmp_path):
+    from cure_hub.plots import _label
+
+    assert _label({"model": str(tmp_path / "runs" / "quickstart"), "weights": "best"}, tmp_path / "r.json") == "quickstart (best)"
+    assert _label({"model": "you/cure-digits", "weights": None}, tmp_path / "r.json") == "cure-digits"
+    assert _label({}, tmp_path / "results_a.json") == "results_a"

@@ -121,3 +121,18 @@ def test_input_error_is_a_value_error_for_library_users():
     with pytest.raises(ValueError, match="batch_size must be an integer"):
         TrainConfig.from_dict({"optim": {"batch_size": "16"}})
     assert issubclass(InputError, ValueError)
+
+
+def test_the_cure_stage_of_a_paper_recipe_says_to_train_its_natural_stage_first(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "cure_cifar10_resnet18.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "cure_hub.cli", "train", "--recipe", str(recipe)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "'runs/natural-cifar10_resnet18'" in result.stderr and "train that run first" in result.stderr
+    assert "recipes/natural_<setting>.yaml" in result.stderr and not (tmp_path / "runs").exists()

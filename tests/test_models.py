@@ -158,8 +158,21 @@ def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): \['linear.bias'\][\s\S]*unexpected keys \(1\): \['extra.weight'\]"):
         cure_hub.create_model("cifar_resnet18", width=8, checkpoint=tmp_path / "bad.pth")
-    with pytest.raises(CheckpointMismatchError, match="size mismatch"):
+    with pytest.raises(CheckpointMismatchError, match=r"tensors differ in shape, e\.g\. conv1\.weight: \(8, 3, 3, 3\) in the checkpoint, \(16, 3, 3, 3\)"):
         cure_hub.create_model("cifar_resnet18", width=16, checkpoint=tmp_path / "bad.pth")
+
+
+def test_init_from_a_run_of_another_width_names_its_arguments(tmp_path, capsys):
+    from test_input_errors import one_line_error
+    from test_trainer import tiny_config
+
+    from cure_hub.trainer import Trainer
+
+    Trainer(tiny_config(tmp_path / "natural", optim={"max_steps": 1})).train()
+    capsys.readouterr()
+    error = one_line_error(["--model", "cifar_resnet18", "--dataset", "digits", "--init-from", str(tmp_path / "natural"),
+                            "--output-dir", str(tmp_path / "cure")], capsys)
+    assert "pass --model cifar_resnet18 --model-kwargs width=4" in error
 
 
 def test_bad_checkpoint_paths(tmp_path):
