@@ -42,6 +42,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub import save_torch_state_dict
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .attacks import eval_mode, pgd_attack
 from .config import AttackConfig, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
@@ -250,8 +251,15 @@ class Trainer:
         device_seed = config.optim.seed + accelerator.process_index
         self.augment_generator = torch.Generator(device=accelerator.device).manual_seed(device_seed)
         self.attack_generator = torch.Generator(device=accelerator.device).manual_seed(device_seed + 10_000)
-        if accelerator.device.type == "cpu" and config.run.keep_freed_memory:
-            keep_freed_heap_memory()
+        if accelerator.device.type == "cpu":
+            if config.run.keep_freed_memory:
+                keep_freed_heap_memory()
+            cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+            if torch.get_num_threads() == 1 < cores:
+                logger.warning(
+                    "training on 1 CPU thread while %d cores are free per process: OMP_NUM_THREADS=1 is set (accelerate launch "
+                    "sets it on a machine without GPU unless given --cpu or --num_cpu_threads_per_process N)", cores,
+                )
         self.natural = build_method(MethodConfig(method="standard"), config.attack)
         self.method = build_method(config.method, config.attack)
         self.method.generator = self.attack_generator
@@ -444,63 +452,64 @@ class Trainer:
         progress = tqdm(total=self.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
         images_seen = 0
         self.model.train()
-        try:
-            if self._epoch_end_evaluation_due():  # stopped between an epoch's checkpoint and its evaluation
-                self._evaluate_and_keep_best()
-            while state.step < self.total_steps and self._stop_signal is None:
-                loader = self.train_loader
-                if state.batches_done_in_epoch:
-                    loader = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
-                # The prepared loader sets its sampler's epoch from its own counter, which starts at 0
-                # in every process: a resumed run must set it, or it replays epoch 0's order. Under
-                # several processes the skipping loader's set_epoch does not reach the sampler
-                # (wrapped twice), so the sampler is set too, to the same epoch.
-                loader.set_epoch(state.epoch)
-                self.sampler.set_epoch(state.epoch)
-                finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
-                for images, labels in loader:
-                    self._start_method_if_due()
-                    method = self.active_method
-                    if config.data.augment:
-                        images = random_crop_flip(images, self.augment_generator)
-                    with accelerator.accumulate(self.model), accelerator.autocast():
-                        output = method.compute_loss(self.model, images, labels)
-                        accelerator.backward(output.loss)
-                    finite &= torch.isfinite(output.loss.detach())
-                    state.batches_done_in_epoch += 1
-                    images_seen += len(labels) * accelerator.num_processes
-                    if not accelerator.sync_gradients:
-                        continue
-                    self._agree_on_divergence_and_stop(finite)
-                    finite.fill_(True)
-                    logs_now = self._logs_at(state.step + 1)
-                    method.record_statistics = logs_now
-                    extra = method.before_optimizer_step(self.model)
-                    self.step_lr = self.scheduler.get_last_lr()[0]
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    method.after_optimizer_step(self.model, state.step - (self.warmup_steps if method is self.method else 0))
-                    state.step += 1
-                    progress.update(1)
-                    if logs_now:
-                        rate = images_seen / (time.perf_counter() - self._segment_started)
-                        self._log({**output.metrics, **extra}, images_per_second=rate, progress=progress)
-                        self._log_layer_statistics(method)
-                    if config.run.checkpoint_every_steps and state.step % config.run.checkpoint_every_steps == 0:
+        with logging_redirect_tqdm():  # log lines above the progress bar, not glued onto it
+            try:
+                if self._epoch_end_evaluation_due():  # stopped between an epoch's checkpoint and its evaluation
+                    self._evaluate_and_keep_best()
+                while state.step < self.total_steps and self._stop_signal is None:
+                    loader = self.train_loader
+                    if state.batches_done_in_epoch:
+                        loader = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
+                    # The prepared loader sets its sampler's epoch from its own counter, which starts at 0
+                    # in every process: a resumed run must set it, or it replays epoch 0's order. Under
+                    # several processes the skipping loader's set_epoch does not reach the sampler
+                    # (wrapped twice), so the sampler is set too, to the same epoch.
+                    loader.set_epoch(state.epoch)
+                    self.sampler.set_epoch(state.epoch)
+                    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+                    for images, labels in loader:
+                        self._start_method_if_due()
+                        method = self.active_method
+                        if config.data.augment:
+                            images = random_crop_flip(images, self.augment_generator)
+                        with accelerator.accumulate(self.model), accelerator.autocast():
+                            output = method.compute_loss(self.model, images, labels)
+                            accelerator.backward(output.loss)
+                        finite &= torch.isfinite(output.loss.detach())
+                        state.batches_done_in_epoch += 1
+                        images_seen += len(labels) * accelerator.num_processes
+                        if not accelerator.sync_gradients:
+                            continue
+                        self._agree_on_divergence_and_stop(finite)
+                        finite.fill_(True)
+                        logs_now = self._logs_at(state.step + 1)
+                        method.record_statistics = logs_now
+                        extra = method.before_optimizer_step(self.model)
+                        self.step_lr = self.scheduler.get_last_lr()[0]
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        method.after_optimizer_step(self.model, state.step - (self.warmup_steps if method is self.method else 0))
+                        state.step += 1
+                        progress.update(1)
+                        if logs_now:
+                            rate = images_seen / (time.perf_counter() - self._segment_started)
+                            self._log({**output.metrics, **extra}, images_per_second=rate, progress=progress)
+                            self._log_layer_statistics(method)
+                        if config.run.checkpoint_every_steps and state.step % config.run.checkpoint_every_steps == 0:
+                            self.save_checkpoint()
+                        if state.step >= self.total_steps or self._stop_signal is not None:
+                            break
+                    else:  # the epoch ran out: checkpoint first, so an evaluation that fails loses nothing
+                        state.epoch += 1
+                        state.batches_done_in_epoch = 0
                         self.save_checkpoint()
-                    if state.step >= self.total_steps or self._stop_signal is not None:
-                        break
-                else:  # the epoch ran out: checkpoint first, so an evaluation that fails loses nothing
-                    state.epoch += 1
-                    state.batches_done_in_epoch = 0
-                    self.save_checkpoint()
-                    if self._epoch_end_evaluation_due():
-                        self._evaluate_and_keep_best()
-        finally:
-            progress.close()
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+                        if self._epoch_end_evaluation_due():
+                            self._evaluate_and_keep_best()
+            finally:
+                progress.close()
+                for signum, handler in previous_handlers.items():
+                    signal.signal(signum, handler)
         if self._stop_signal is not None:
             path = self.save_checkpoint()
             logger.warning("stopped by %s at step %d; resume with --resume-from %s", signal.Signals(self._stop_signal).name,
