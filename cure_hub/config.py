@@ -5,6 +5,7 @@ dashes)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -173,7 +174,7 @@ class MethodConfig:
     )
     revision_rate_min: float = dataclasses.field(default=0.0, metadata={"help": "The revision rate at the last step."})
     revision_warmup: bool = dataclasses.field(
-        default=False, metadata={"help": "Use decay min(1 - 1/(t + 1), d) at step t (official code)."}
+        default=False, metadata={"help": "Use decay min(1 - 1/(t + 2), d) after step t, counted from 0 (official code)."}
     )
     revision_mode: str = dataclasses.field(
         default="eval",
@@ -212,6 +213,16 @@ class MethodConfig:
             self.beta = DEFAULT_BETA.get(self.method, 0.0)
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         _check(0 <= self.percentile < 100, f"percentile (p) must be in [0, 100), got {self.percentile}")
+        if self.method == "cure" and self.revision_mode == "eval" and self.revision_buffers == "keep":
+            logging.getLogger("cure_hub").warning(
+                "revision_mode='eval' with revision_buffers='keep': the revision model's batch-norm statistics stay those "
+                "of the start while its weights move; use --revision-buffers average, or --revision-mode train (official)"
+            )
+        if self.method == "cure" and 0 < self.percentile < 1:
+            logging.getLogger("cure_hub").warning(
+                "percentile %g conserves %g %% of each tensor's weights; the official code's --percentile is a fraction "
+                "(0.3 there is 30 here): pass --percentile %g if you meant that", self.percentile, self.percentile, self.percentile * 100,
+            )
         for name in ("alpha", "revision_rate", "revision_decay", "revision_rate_min"):
             value = getattr(self, name)
             _check(0 <= value <= 1, f"{name} must be in [0, 1], got {value}")

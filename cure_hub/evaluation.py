@@ -158,6 +158,7 @@ def evaluate_robustness(
         images, labels = images.to(device), labels.to(device)
         correct["clean"].append(_correct(model, images, labels).cpu())
         for name, run in {**runners, **extra}.items():
+            bar.set_description(f"eval [{name.split('/')[0]}]")  # AutoAttack takes minutes a batch: say what runs
             correct[name].append(_correct(model, run(model, images, labels), labels).cpu())
         bar.update(len(labels))
         robust = [n for n in runners if n != "clean"]

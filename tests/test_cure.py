@@ -1,4 +1,5 @@
 import copy
+import logging
 import math
 
 import numpy as np
@@ -37,6 +38,33 @@ def test_prominence_mask_breaks_ties_by_position(percent):
     np.testing.assert_array_equal(prominence_mask(score, percent).numpy(), reference_mask(score.numpy(), percent))
     constant = torch.zeros(10)
     assert prominence_mask(constant, 30).tolist() == [False] * 3 + [True] * 7
+
+
+@pytest.mark.parametrize("size", [1000, 100_000], ids=["kthvalue-path", "sampled-path"])
+@pytest.mark.parametrize("percent", [30.0, 99.0])
+def test_prominence_mask_ranks_nan_scores_last_on_both_paths(size, percent):
+    """NaN ranks above every number, as NumPy's stable sort puts it: conserved only when every number is."""
+    score = torch.rand(size, generator=torch.Generator().manual_seed(2))
+    score[torch.randperm(size, generator=torch.Generator().manual_seed(3))[: size // 50]] = math.nan
+    score[:3] = torch.tensor([math.inf, -math.inf, 0.5])
+    keep = prominence_mask(score, percent)
+    np.testing.assert_array_equal(keep.numpy(), reference_mask(score.numpy(), percent))
+    assert (~keep).sum().item() == math.floor(percent * size / 100)
+    assert keep[score.isnan()].all() == (percent < 98)
+
+
+def test_a_percentile_below_one_warns_about_the_official_unit(caplog):
+    with caplog.at_level(logging.WARNING, logger="cure_hub"):
+        MethodConfig(method="cure", percentile=0.3)
+    assert "pass --percentile 30 if you meant that" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cure_hub"):
+        MethodConfig(method="cure", percentile=30)
+        MethodConfig(method="cure", revision_mode="train", revision_buffers="keep")  # the official pair
+    assert not caplog.text
+    with caplog.at_level(logging.WARNING, logger="cure_hub"):
+        MethodConfig(method="cure", revision_mode="eval", revision_buffers="keep")
+    assert "batch-norm statistics stay those of the start" in caplog.text
 
 
 def mask_without_synchronisation(score: torch.Tensor, percent: float) -> torch.Tensor:
@@ -195,15 +223,23 @@ def test_revision_never_changes_when_r_is_0():
     assert not torch.equal(model.state_dict()["backbone.conv1.weight"], start["backbone.conv1.weight"])
 
 
-def test_revision_warmup_takes_the_model_at_step_0():
+def test_revision_warmup_follows_the_official_decay_sequence():
+    """The official code: global_step += 1, then (with probability r) theta_rev <- a theta_rev + (1 - a) theta
+    with a = min(1 - 1/(global_step + 1), d): decays 1/2, 2/3, 3/4 for its first three steps."""
     model = tiny_model()
     images, labels = robust_vs_fragile_task(16)
-    config = MethodConfig(method="cure", revision_rate=1.0, revision_warmup=True, revision_rate_schedule="constant")
+    config = MethodConfig(method="cure", revision_rate=1.0, revision_warmup=True, revision_rate_schedule="constant",
+                          revision_decay=0.7, revision_buffers="keep")
     method = build_method(config, AttackConfig(steps=1))
-    method.setup(model, total_steps=2)
-    _sgd_step(method, model, images, labels, torch.optim.SGD(model.parameters(), lr=0.1), step=0)
-    for (name, rev), param in zip(method.revision_model.named_parameters(), model.parameters()):
-        assert torch.equal(rev, param.detach()), name  # decay min(1 - 1/1, d) = 0
+    method.setup(model, total_steps=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for step, decay in enumerate([1 / 2, 2 / 3, 0.7]):  # 3/4 is capped by d = 0.7
+        _sgd_step(method, model, images, labels, optimizer, step=step)
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters())]
+        for (name, rev), want in zip(method.revision_model.named_parameters(), expected):
+            torch.testing.assert_close(rev, want, rtol=1e-6, atol=1e-7, msg=f"step {step}: {name}")
+        assert not torch.equal(next(method.revision_model.parameters()), next(model.parameters()))  # never a copy
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

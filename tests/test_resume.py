@@ -137,6 +137,10 @@ def test_two_process_run_killed_resumes_bitwise_equal(tmp_path):
     assert_same_run(killed, straight)
     states = [torch.load(killed / "checkpoints" / "step_0000012" / f"process_state_{r}.pt", weights_only=True) for r in (0, 1)]
     assert not torch.equal(states[0]["augment_generator"], states[1]["augment_generator"])
+    revisions = [state["method"]["revision_model"] for state in states]  # batch-norm statistics included
+    assert all(torch.equal(value, revisions[1][key]) for key, value in revisions[0].items())
+    buffers = [state["model_buffers"] for state in states]  # while each process's own statistics differ
+    assert not all(torch.equal(value, buffers[1][key]) for key, value in buffers[0].items())
 
 
 def test_resume_refuses_flags_that_change_the_trajectory(reference, capsys):

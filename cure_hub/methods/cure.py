@@ -41,10 +41,12 @@ def prominence_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
 
     Exactly ``floor(percent * n / 100)`` entries are conserved: those with the lowest scores, ties
     at the threshold broken by position (the entry that comes first in row-major order is
-    conserved first), which matches a stable sort. Runs on ``score``'s device, with no host copy of
-    the tensor and no size limit (unlike ``torch.quantile``, which stops at 16 million elements).
+    conserved first), which matches a stable sort. A NaN score ranks above every number, as a
+    stable sort puts NaN last: a NaN entry is conserved only when every number is. Runs on
+    ``score``'s device, with no host copy of the tensor and no size limit (unlike
+    ``torch.quantile``, which stops at 16 million elements).
     """
-    flat = score.detach().reshape(-1)
+    flat = torch.nan_to_num(score.detach().reshape(-1), nan=math.inf, posinf=math.inf, neginf=-math.inf)
     conserved = math.floor(percent * flat.numel() / 100)
     if conserved == 0:
         return torch.ones_like(score, dtype=torch.bool)
@@ -146,6 +148,9 @@ class CURE(Method):
         self.revision_model = None
         if config.use_revision:
             self.revision_model = copy.deepcopy(model).requires_grad_(False)
+            # Each process has updated its batch-norm statistics on its own batches: start from their mean.
+            for buffer, mean in zip(_floating_buffers(self.revision_model), _mean_across_processes(_floating_buffers(model))):
+                buffer.copy_(mean)
             # A CPU generator seeded alike on every process: every rank makes the same revision draws.
             self.revision_generator = torch.Generator().manual_seed(seed)
 
@@ -251,16 +256,17 @@ class CURE(Method):
         if draw >= self.current_revision_rate(step):
             return
         decay = self.config.revision_decay
-        if self.config.revision_warmup:
-            decay = min(1 - 1 / (step + 1), decay)
+        if self.config.revision_warmup:  # the official counter is already step + 1 here: the first revision averages
+            decay = min(1 - 1 / (step + 2), decay)
         model = unwrap(model)
         revision_params = list(self.revision_model.parameters())
         torch._foreach_lerp_(revision_params, [p.detach() for p in model.parameters()], 1 - decay)
         if self.config.revision_buffers == "average":
+            # Towards the mean of every process's statistics, so the revision model is the same on every process.
+            model_buffers = _mean_across_processes(_floating_buffers(model))
+            torch._foreach_lerp_(_floating_buffers(self.revision_model), model_buffers, 1 - decay)
             for rev_buffer, buffer in zip(self.revision_model.buffers(), model.buffers()):
-                if rev_buffer.is_floating_point():
-                    rev_buffer.lerp_(buffer, 1 - decay)
-                else:  # counters such as num_batches_tracked
+                if not rev_buffer.is_floating_point():  # counters such as num_batches_tracked
                     rev_buffer.copy_(buffer)
 
     def state_dict(self) -> dict[str, Any]:
@@ -277,6 +283,17 @@ class CURE(Method):
 def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _floating_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+def _mean_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean over processes of each tensor (new tensors; ``tensors`` themselves in a single process)."""
+    if not tensors or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensors
+    return [t.div_(dist.get_world_size()) for t in _all_reduce_sum([t.clone() for t in tensors])]
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
