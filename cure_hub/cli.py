@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import logging
+import os
 import sys
 from pathlib import Path
 from collections.abc import Callable
@@ -16,7 +17,10 @@ def _models(args: argparse.Namespace) -> int:
     from .models import known_model_names
 
     names = [n for n in known_model_names() if fnmatch.fnmatch(n, args.pattern)]
-    print("\n".join(names) if names else f"no model matches {args.pattern!r}")
+    try:
+        print("\n".join(names) if names else f"no model matches {args.pattern!r}", flush=True)
+    except BrokenPipeError:  # the reader stopped early (`cure-hub models | head`): Python's documented remedy
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if names else 1
 
 

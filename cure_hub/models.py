@@ -148,9 +148,9 @@ class RobustClassifier(nn.Module):
         return load_robust_model(location, revision=revision)
 
     def classifier_parameter_names(self) -> list[str]:
-        """Names (in this module's ``named_parameters``) of the classification head's parameters."""
-        head = _classifier_module(self.backbone, self.spec.library)
-        ids = {id(p) for p in head.parameters()}
+        """Names (in this module's ``named_parameters``) of the parameters of every classification
+        head (two for distilled models), found by the library's own means."""
+        ids = {id(p) for head in _classifier_modules(self.backbone, self.spec) for p in head.parameters()}
         return [name for name, p in self.named_parameters() if id(p) in ids]
 
     def extra_repr(self) -> str:
@@ -160,13 +160,26 @@ class RobustClassifier(nn.Module):
         )
 
 
-def _classifier_module(backbone: nn.Module, library: str) -> nn.Module:
-    if library == "timm":
-        return backbone.get_classifier()
-    for name in ("classifier", "head", "fc"):
-        if isinstance(getattr(backbone, name, None), nn.Module):
-            return getattr(backbone, name)
-    raise AttributeError(f"cannot find the classification head of {type(backbone).__name__}")
+class HeadNotFoundError(InputError):
+    """No classification head with parameters was found: CURE would mask the classifier silently."""
+
+
+def _classifier_modules(backbone: nn.Module, spec: "ModelSpec") -> list[nn.Module]:
+    """timm: ``get_classifier()`` (a tuple for models with a distillation head); transformers: the
+    linear layers that produce the logits (``out_features == num_labels``), wherever the model
+    keeps them (``classifier``, ``fc``, ``cls_classifier`` and ``distillation_classifier``...)."""
+    if spec.library == "timm":
+        heads = backbone.get_classifier()
+        heads = list(heads) if isinstance(heads, (tuple, list)) else [heads]
+    else:
+        heads = [m for m in backbone.modules() if isinstance(m, nn.Linear) and m.out_features == spec.num_classes]
+    heads = [head for head in heads if any(p.numel() for p in head.parameters())]
+    if not heads:
+        raise HeadNotFoundError(
+            f"cannot find the classification head of {type(backbone).__name__} ({spec.architecture}): name the parameters "
+            "CURE must not mask with --mask-exclude PATTERN (e.g. 'head.*'), or choose them with --mask-include"
+        )
+    return heads
 
 
 def known_model_names() -> list[str]:

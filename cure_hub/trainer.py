@@ -49,6 +49,7 @@ from .config import AttackConfig, MethodConfig, TrainConfig, check_resume_change
 from .data import collate, load_data, random_crop_flip
 from .methods import Method, build_method
 from .methods.base import unwrap
+from .methods.cure import masked_parameter_names
 from .models import CheckpointMismatchError, RobustClassifier, create_model, load_weights
 
 logger = logging.getLogger(__name__)
@@ -212,6 +213,8 @@ class Trainer:
         init_weights = resolve_weights_file(config.model.init_from) if config.model.init_from else None
         data = load_data(config.data)
         model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
+        if config.method.method == "cure" and config.method.use_rgp:  # a head that cannot be found fails now, not after the warm-up
+            masked_parameter_names(model, config.method.mask_scope, config.method.mask_include, config.method.mask_exclude)
         if config.method.method == "cure" and not (config.model.init_from or config.model.pretrained or config.optim.warmup_epochs):
             logger.warning(
                 "CURE from random weights: the method assumes a naturally trained start. Pass "

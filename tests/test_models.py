@@ -205,3 +205,38 @@ def test_classifier_head_names():
         "backbone.linear.weight", "backbone.linear.bias"]
     assert cure_hub.create_model("vit_tiny", num_classes=10, image_size=32).classifier_parameter_names() == [
         "backbone.head.weight", "backbone.head.bias"]
+
+
+def test_every_classification_head_is_found_and_left_unmasked():
+    from cure_hub.methods.cure import masked_parameter_names
+    from cure_hub.models import HeadNotFoundError
+
+    distilled = cure_hub.create_model("deit_tiny_distilled_patch16_224", num_classes=10, image_size=32, depth=1,
+                                      embed_dim=16, num_heads=2)
+    assert distilled.classifier_parameter_names() == ["backbone.head.weight", "backbone.head.bias",
+                                                      "backbone.head_dist.weight", "backbone.head_dist.bias"]
+    hgnet = cure_hub.create_model("hgnet_v2", num_classes=7)  # its `classifier` module has no parameters; `fc` is the head
+    assert hgnet.classifier_parameter_names() == ["backbone.fc.weight", "backbone.fc.bias"]
+    for model in (distilled, hgnet):
+        masked = masked_parameter_names(model, "all_but_head")
+        assert masked and not set(masked) & set(model.classifier_parameter_names())
+    headless = cure_hub.create_model("cifar_resnet18", num_classes=0, width=4)
+    with pytest.raises(HeadNotFoundError, match="--mask-exclude"):
+        masked_parameter_names(headless, "all_but_head")
+    assert "backbone.conv1.weight" not in masked_parameter_names(headless, "all_but_head", exclude=["conv1.*"])
+
+
+def test_model_list_piped_to_a_reader_that_stopped_ends_quietly():
+    """As `cure-hub models | head` once head has exited: the pipe's read end is closed."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "cure_hub.cli", "models"], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and "BrokenPipeError" not in result.stderr and "Traceback" not in result.stderr, result.stderr

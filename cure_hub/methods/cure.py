@@ -29,6 +29,7 @@ from torch.autograd.profiler import record_function
 
 from ..attacks import module_mode
 from ..losses import kl_divergence
+from ..models import HeadNotFoundError
 from .base import Method, StepOutput, accuracy, unwrap
 
 
@@ -123,7 +124,12 @@ def masked_parameter_names(model: nn.Module, scope: str, include=None, exclude=(
     elif scope == "official":  # the official code: the first convolution of each block, never the stem
         chosen = [n for n in names[1:] if "conv1" in n]
     else:
-        head = set(model.classifier_parameter_names()) if hasattr(model, "classifier_parameter_names") else set()
+        try:
+            head = set(model.classifier_parameter_names()) if hasattr(model, "classifier_parameter_names") else set()
+        except HeadNotFoundError:
+            if not exclude:  # the user's patterns name what the head is
+                raise
+            head = set()
         chosen = [n for n in names if n not in head]
     return [n for n in chosen if not matches(n, exclude)]
 
