@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .attacks import eval_mode, pgd_attack
-from .config import AttackConfig, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
+from .config import AttackConfig, InputError, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
 from .data import collate, load_data, random_crop_flip
 from .methods import Method, build_method
 from .methods.base import unwrap
@@ -112,6 +112,8 @@ class TrainingState:
     evaluated_at_step: int = -1
     #: Training time of every segment of the run up to this checkpoint.
     train_seconds: float = 0.0
+    #: The processes that wrote the checkpoint: each restores its own state, and the data is sharded by their number.
+    num_processes: int = 1
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,7 +250,7 @@ class Trainer:
         # Stepped once per optimiser step by us, not by Accelerate (which steps a prepared
         # scheduler once per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, self.total_steps, config.optim))
-        self.state = TrainingState()
+        self.state = TrainingState(num_processes=accelerator.num_processes)
         self._restored_method_state: dict = {}
         accelerator.register_for_checkpointing(self.scheduler, self.state)
         device_seed = config.optim.seed + accelerator.process_index
@@ -269,12 +271,6 @@ class Trainer:
         if accelerator.scaler is not None:  # fp16: CURE's own gradients need the loss's scaling
             self.method.scale_loss = accelerator.scaler.scale
         self.method_started = False
-        if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            _remove_partial_writes(self.output_dir)
-            with open(self.output_dir / "config.yaml", "w") as f:
-                yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-            (self.output_dir / "model_spec.json").write_text(json.dumps(model.spec.to_dict(), indent=2))
         if config.run.report_to != "none":
             accelerator.init_trackers(self.output_dir.name, config=_flatten(config.to_dict()))
         logger.info(
@@ -386,12 +382,12 @@ class Trainer:
             location = found[-1]
         accelerator, state = self.accelerator, self.state
         accelerator.load_state(str(location))
-        process_file = location / PROCESS_STATE_FILE.format(accelerator.process_index)
-        if not process_file.is_file():
-            raise FileNotFoundError(
-                f"{location} has no state for process {accelerator.process_index} ({process_file.name}): it was written "
-                "by fewer processes; resume with the number of processes that wrote it"
+        if state.num_processes != accelerator.num_processes:
+            raise InputError(
+                f"{location} was written by {state.num_processes} processes, and this run has {accelerator.num_processes}: "
+                f"each process resumes its own state and data shard, so resume with {state.num_processes} processes"
             )
+        process_file = location / PROCESS_STATE_FILE.format(accelerator.process_index)
         process_state = torch.load(process_file, map_location="cpu", weights_only=True)
         self.augment_generator.set_state(process_state["augment_generator"])
         self.attack_generator.set_state(process_state["attack_generator"])
@@ -450,6 +446,7 @@ class Trainer:
         if self.config.run.resume_from:
             self._resume()
             self._seconds_before_segment = self.state.train_seconds
+        self._write_run_description()
         accelerator, config, state = self.accelerator, self.config, self.state
         previous_handlers = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if _in_main_thread() else {}
         progress = tqdm(total=self.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
@@ -523,6 +520,15 @@ class Trainer:
         summary = self._finish(last_eval)
         accelerator.end_training()
         return summary
+
+    def _write_run_description(self) -> None:
+        """config.yaml and model_spec.json, once the run is sure to start (a refused resume changes nothing)."""
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _remove_partial_writes(self.output_dir)
+            with open(self.output_dir / "config.yaml", "w") as f:
+                yaml.safe_dump(self.config.to_dict(), f, sort_keys=False)
+            (self.output_dir / "model_spec.json").write_text(json.dumps(unwrap(self.model).spec.to_dict(), indent=2))
 
     def _epoch_end_evaluation_due(self) -> bool:
         state = self.state

@@ -135,6 +135,9 @@ def test_two_process_run_killed_resumes_bitwise_equal(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stderr.count("resumed from") == 1 and resumed.stderr.count("saved the run to") == 1  # main process only
     assert_same_run(killed, straight)
+    one_process = run([TRAIN, "--resume-from", str(killed / "checkpoints" / "step_0000012"), "--epochs", "4"])
+    assert one_process.returncode == 2 and "written by 2 processes, and this run has 1" in one_process.stderr, one_process.stderr[-2000:]
+    assert "epochs: 3" in (killed / "config.yaml").read_text()  # the refused resume changed nothing
     states = [torch.load(killed / "checkpoints" / "step_0000012" / f"process_state_{r}.pt", weights_only=True) for r in (0, 1)]
     assert not torch.equal(states[0]["augment_generator"], states[1]["augment_generator"])
     revisions = [state["method"]["revision_model"] for state in states]  # batch-norm statistics included
