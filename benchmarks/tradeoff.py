@@ -84,6 +84,9 @@ def runs_for(preset: Preset) -> dict[str, dict]:
         "cure": cure,
         "cure (RGP only)": {**cure, "use_revision": False},
         "cure (revision only)": {**cure, "use_rgp": False},
+        # The official code's revision mode: batch statistics in L_CR, so L_CR is zero when theta_rev = theta
+        # (the default eval mode adds a train/eval batch-norm term; docs/cure.md).
+        "cure (revision in train mode)": {**cure, "revision_mode": "train"},
     }
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import cure_hub
+from cure_hub.attacks import eval_mode
 from cure_hub.config import AttackConfig, MethodConfig
+from cure_hub.losses import kl_divergence
 from cure_hub.methods import build_method
 from cure_hub.methods.cure import _keep_mask_without_synchronisation, masked_parameter_names, prominence_mask, revision_rate_at
 from helpers import non_robust_natural_model, pgd_accuracy, robust_vs_fragile_task, tiny_model
@@ -259,6 +261,27 @@ def test_consistency_is_zero_when_revision_equals_model(mode):
         for param in model.parameters():
             param.add_(0.2 * torch.randn_like(param))
     assert method.consistency_loss(images, adversarial, model(images), model(adversarial)).item() > 1e-4
+
+
+def test_consistency_in_eval_mode_on_a_batch_norm_network_is_the_train_eval_gap():
+    """At theta_rev = theta, eval-mode L_CR on a batch-norm network is not zero: it is the KL between
+    the model's eval-mode (running statistics) and train-mode (batch statistics) predictions, the
+    term docs/cure.md describes; the official train mode has none."""
+    model = tiny_model().train()
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in range(3):  # running statistics that differ from a batch's
+            model(torch.rand(8, 3, 16, 16) * 0.5)
+    method = build_method(MethodConfig(method="cure", revision_mode="eval"), AttackConfig(steps=1))
+    method.setup(model, total_steps=1)
+    adversarial = (images + 0.03 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    with torch.no_grad(), eval_mode(model):  # before the train-mode passes, which update the running statistics
+        eval_logits, eval_adv_logits = model(images), model(adversarial)
+    logits, adv_logits = model(images), model(adversarial)
+    expected = kl_divergence(eval_logits, logits) + kl_divergence(eval_adv_logits, adv_logits)
+    loss = method.consistency_loss(images, adversarial, logits, adv_logits)
+    assert loss.item() > 1e-3
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_revision_rate_schedules():
