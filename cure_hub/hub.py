@@ -160,7 +160,14 @@ def _image_processor(spec: ModelSpec):
 
     processor = default_image_processor(spec.architecture) or ViTImageProcessor()
     processor.image_mean, processor.image_std = list(spec.mean), list(spec.std)
-    processor.size = {"height": spec.image_size, "width": spec.image_size}
+    # In the processor's own size format: ConvNeXt's (also ResNet's and RegNet's) takes only a
+    # shortest edge, and crops a crop_pct share of it, so crop_pct 1 keeps the whole image.
+    if "shortest_edge" in (processor.size or {}):
+        processor.size = {"shortest_edge": spec.image_size}
+    else:
+        processor.size = {"height": spec.image_size, "width": spec.image_size}
+    if hasattr(processor, "crop_pct"):
+        processor.crop_pct = 1.0
     if hasattr(processor, "do_center_crop"):  # the model saw whole images at its size
         processor.do_center_crop = False
     return processor

@@ -227,7 +227,7 @@ def create_model(
     elif name in MODEL_ALIASES or timm.is_model(name):
         model = _create_timm(MODEL_ALIASES.get(name, name), num_classes, image_size, pretrained, **kwargs)
     elif name in _transformers_model_types():
-        model = _create_transformers_from_config(_transformers_config(name, num_classes, image_size, kwargs))
+        model = _create_transformers_from_config(_transformers_config(name, num_classes, image_size, kwargs), image_size=image_size)
     elif "/" in name and not name.startswith((".", "/")):
         model = from_transformers_pretrained(name, num_classes)
     else:
@@ -313,11 +313,11 @@ def _transformers_config(model_type: str, num_classes, image_size, fields: dict)
     return config
 
 
-def _create_transformers_from_config(config, source: str | None = None, mean=None, std=None) -> RobustClassifier:
+def _create_transformers_from_config(config, source: str | None = None, mean=None, std=None, image_size: int | None = None) -> RobustClassifier:
     from transformers import AutoModelForImageClassification
 
     backbone = AutoModelForImageClassification.from_config(config)
-    return _wrap_transformers(backbone, source, mean, std)
+    return _wrap_transformers(backbone, source, mean, std, image_size)
 
 
 def from_transformers_pretrained(name_or_path: str, num_classes: int | None, revision: str | None = None) -> RobustClassifier:
@@ -367,11 +367,12 @@ def _default_processor_normalisation(model_type: str):
     return (tuple(processor.image_mean), tuple(processor.image_std)) if processor else None
 
 
-def _wrap_transformers(backbone: nn.Module, source: str | None, mean=None, std=None) -> RobustClassifier:
+def _wrap_transformers(backbone: nn.Module, source: str | None, mean=None, std=None, image_size: int | None = None) -> RobustClassifier:
+    """``image_size``: the size the model is built for; convolutional configs have no field for it."""
     config = backbone.config
     if mean is None or std is None:
         mean, std = _default_processor_normalisation(config.model_type) or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    image_size = getattr(config, "image_size", 224)
+    image_size = image_size or getattr(config, "image_size", 224)
     labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
     spec = ModelSpec(
         library="transformers",
@@ -404,7 +405,7 @@ def _create_from_path(path: Path, num_classes, image_size, pretrained: bool, **k
     if path.is_dir() and any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
         return from_transformers_pretrained(str(path), num_classes)
     return _create_transformers_from_config(
-        _transformers_config(config.pop("model_type"), num_classes, image_size, {**config, **kwargs})
+        _transformers_config(config.pop("model_type"), num_classes, image_size, {**config, **kwargs}), image_size=image_size
     )
 
 

@@ -284,3 +284,31 @@ def test_exports_name_their_results_weights_and_no_local_path(runs, tmp_path, ca
             assert str(tmp_path) not in text and str(runs["cifar"].parent) not in text, file
     card = (export / "README.md").read_text()
     assert f"`{runs['cifar'].name}`" in card  # the start is named, not located
+
+
+@pytest.mark.parametrize("model_type,fields", [
+    ("resnet", {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}),
+    ("regnet", {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "groups_width": 8}),
+    ("vit", {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}),
+])
+def test_transformers_exports_give_pipeline_the_pixels_the_model_saw(model_type, fields, tmp_path):
+    """AutoImageProcessor + model on a PIL image equal RobustClassifier on its [0, 1] tensor, and
+    pipeline() runs: ResNet and RegNet processors take a shortest edge, not a height and width."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    from cure_hub import create_model
+    from cure_hub.hub import save_pretrained
+
+    model = create_model(model_type, num_classes=3, image_size=32, **fields).eval()
+    assert model.spec.image_size == 32
+    save_pretrained(model, tmp_path / "export")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)[None]
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "export")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**processor(image, return_tensors="pt")).logits, model(pixels), rtol=1e-4, atol=1e-5)
+    predictions = pipeline("image-classification", model=str(tmp_path / "export"))(image)
+    assert len(predictions) == 3
