@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -61,6 +62,21 @@ AT_LEAST_AS_STRONG_AS = {
 def natural_robustness_ratio(natural: float, robust: float) -> float:
     """NRR = 2 · Nat · Rob / (Nat + Rob), the harmonic mean of clean and robust accuracy."""
     return 0.0 if natural + robust == 0 else 2 * natural * robust / (natural + robust)
+
+
+#: How every accuracy's 95 % confidence interval is computed (results.json, model cards).
+INTERVAL_METHOD = "Wilson score interval, 95 %"
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95 % Wilson score interval of an accuracy of ``correct`` out of ``n``: unlike the normal
+    approximation it stays inside [0, 1] and is sound at 0 % and 100 % and for small ``n``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def check_model_fits_data(spec, image_size: int, class_names: list[str]) -> None:
@@ -174,6 +190,8 @@ def evaluate_robustness(
         "norm": norm,
         "epsilon": epsilon,
         "accuracy": accuracy,
+        "intervals": {name: list(wilson_interval(int(flags[name].sum()), len(flags[name]))) for name in accuracy},
+        "interval_method": INTERVAL_METHOD,
         "worst_case": torch.stack([flags[n] for n in robust_names]).all(0).float().mean().item() if robust_names else None,
         "nrr": {},
         "eps_sweep": {f"{e * 255:g}/255": flags[f"eps_sweep/{e:.6f}"].float().mean().item() for e in sweep},

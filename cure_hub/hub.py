@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .evaluation import NORM_NAMES
+from .evaluation import INTERVAL_METHOD, NORM_NAMES, wilson_interval
 from .models import ModelSpec, RobustClassifier, check_finite, from_transformers_pretrained, model_from_spec
 
 
@@ -281,7 +281,6 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
     attack = config["attack"]
     optim = config["optim"]
     n = results["n_examples"] or 0
-    clean = results["accuracy"].get("clean", 0.5)
     return ModelCard.from_template(
         card_data,
         template_path=str(_card_template()),
@@ -308,7 +307,8 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         library_name=spec.library,
         needs_cure_hub_import=spec.architecture.startswith("cifar_"),
         has_autoattack=any(k.startswith("aa") for k in results["accuracy"]),
-        sampling_error=100 * 1.96 * (clean * (1 - clean) / max(n, 1)) ** 0.5,
+        intervals={name: wilson_interval(round(value * n), n) for name, value in results["accuracy"].items()},
+        interval_method=INTERVAL_METHOD,
     )
 
 

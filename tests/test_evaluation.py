@@ -6,7 +6,7 @@ import torch
 import cure_hub
 from cure_hub.cli import main
 from cure_hub.config import TrainConfig
-from cure_hub.evaluation import evaluate_robustness, gradient_masking_warnings, natural_robustness_ratio
+from cure_hub.evaluation import evaluate_robustness, gradient_masking_warnings, natural_robustness_ratio, wilson_interval
 from cure_hub.hub import load_robust_model
 from cure_hub.trainer import Trainer
 
@@ -46,6 +46,17 @@ def test_results_have_the_documented_shape(evaluation):
     assert set(results["accuracy"]) == {"clean", "pgd20", "pgd100", "cw", "aa"}
     assert all(0.0 <= v <= 1.0 for v in results["accuracy"].values())
     assert list(results["eps_sweep"]) == ["0.25/255", "0.5/255", "1/255", "2/255", "4/255", "8/255"]
+    assert results["interval_method"] == "Wilson score interval, 95 %"
+    for name, accuracy in results["accuracy"].items():
+        assert results["intervals"][name] == list(wilson_interval(round(accuracy * 40), 40))
+
+
+def test_wilson_interval_equals_a_hand_computation():
+    # 8 of 10, z = 1.959964: centre (0.8 + z^2/20) / (1 + z^2/10), half-width z sqrt(0.016 + z^2/400) / (1 + z^2/10)
+    low, high = wilson_interval(8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    assert wilson_interval(0, 50)[0] == 0.0 and 0.07 < wilson_interval(0, 50)[1] < 0.072  # sound at 0 %
+    assert wilson_interval(500, 1000) == pytest.approx((0.4691, 0.5309), abs=1e-4)
 
 
 def test_stronger_attacks_leave_fewer_examples_standing(evaluation):

@@ -10,6 +10,7 @@ from huggingface_hub import ModelCard
 
 from cure_hub.cli import main as cli_main
 from cure_hub.config import TrainConfig
+from cure_hub.evaluation import wilson_interval
 from cure_hub.hub import ExportError, export_run, load_robust_model
 from cure_hub.models import RobustClassifier
 from cure_hub.trainer import Trainer
@@ -284,6 +285,9 @@ def test_exports_name_their_results_weights_and_no_local_path(runs, tmp_path, ca
             assert str(tmp_path) not in text and str(runs["cifar"].parent) not in text, file
     card = (export / "README.md").read_text()
     assert f"`{runs['cifar'].name}`" in card  # the start is named, not located
+    clean = json.loads(results.read_text())["accuracy"]["clean"]
+    low, high = wilson_interval(round(clean * 20), 20)
+    assert f"| Clean | {100 * clean:.2f} % | {100 * low:.1f}–{100 * high:.1f} % |" in card and "Wilson score interval" in card
 
 
 @pytest.mark.parametrize("model_type,fields", [
