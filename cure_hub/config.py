@@ -41,8 +41,8 @@ def base_type(annotation):
 def _coerce(name: str, annotation, value):
     """``value`` as the field's type: numbers from YAML strings (``1e-3``, ``8/255``) are accepted as
     the command line accepts them; anything that is not clearly of the type is refused, naming it."""
-    optional = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
     kind = base_type(annotation)
+    optional = kind is not annotation  # base_type took None out of a union
     if value is None:
         _check(optional, f"{name} must be set, got null")
         return None

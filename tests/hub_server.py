@@ -298,3 +298,15 @@ class LoopbackHub:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+def hub_env(hub, home, token="hf_write", **extra) -> dict:
+    """The environment of a process that talks to ``hub``: no HF_* variable of ours, a fresh
+    HF_HOME, ``token`` as HF_TOKEN (none when None), one thread, and ``extra``."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update({"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1", **extra})
+    if token:
+        env["HF_TOKEN"] = token
+    return env

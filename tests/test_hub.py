@@ -14,7 +14,7 @@ from cure_hub.evaluation import wilson_interval
 from cure_hub.hub import ExportError, export_run, load_robust_model
 from cure_hub.models import RobustClassifier
 from cure_hub.trainer import Trainer
-from hub_server import LoopbackHub
+from hub_server import LoopbackHub, hub_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -55,14 +55,6 @@ open(out + "/README.md", "w").write(open(hf_hub_download(repo, "README.md")).rea
 def hub():
     with LoopbackHub() as server:
         yield server
-
-
-def hub_env(hub, home, token="hf_write", **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update({"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1", **extra})
-    if token:
-        env["HF_TOKEN"] = token
-    return env
 
 
 def cli(args, env):

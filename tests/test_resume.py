@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cure_hub.arguments import parse_train_config
-from hub_server import LoopbackHub
+from hub_server import LoopbackHub, hub_env
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -159,16 +159,11 @@ def test_resume_refuses_flags_that_change_the_trajectory(reference, capsys):
     assert "continues in its own folder" in capsys.readouterr().err
 
 
-def hub_env(hub, home, token):
-    env = {k: v for k, v in ENV.items() if not k.startswith("HF_")}
-    return {**env, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", **({"HF_TOKEN": token} if token else {})}
-
-
 def test_push_to_hub_is_checked_before_training(tmp_path):
     with LoopbackHub() as hub:
         for token, message in ((None, "no Hugging Face token"), ("hf_read", "token is read-only")):
             flags = [*FLAGS, "--output-dir", str(tmp_path / "run"), "--push-to-hub", "--hub-model-id", "tester/early"]
-            result = subprocess.run([sys.executable, TRAIN, *flags], env=hub_env(hub, tmp_path / "home", token),
+            result = subprocess.run([sys.executable, TRAIN, *flags], env=hub_env(hub, tmp_path / "home", token, ACCELERATE_USE_CPU="true"),
                                     capture_output=True, text=True, timeout=300)
             assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
             assert not (tmp_path / "run").exists()
@@ -177,7 +172,7 @@ def test_push_to_hub_is_checked_before_training(tmp_path):
 def test_diverged_run_stops_and_publishes_nothing(tmp_path):
     output = tmp_path / "run"
     with LoopbackHub() as hub:
-        env = hub_env(hub, tmp_path / "home", "hf_write")
+        env = hub_env(hub, tmp_path / "home", ACCELERATE_USE_CPU="true")
         flags = [*FLAGS, "--lr", "1e6", "--output-dir", str(output), "--push-to-hub", "--hub-model-id", "tester/diverged"]
         result = subprocess.run([sys.executable, TRAIN, *flags], env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, result.stderr[-3000:]
