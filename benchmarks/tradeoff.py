@@ -108,7 +108,7 @@ def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int,
 
 def evaluate(run: Path, dataset: str, preset: Preset, device: str) -> dict:
     model = load_robust_model(run)
-    examples, split, _ = load_eval_split(DataConfig(dataset=dataset), preset.eval_examples)
+    examples = load_eval_split(DataConfig(dataset=dataset), preset.eval_examples).dataset
     batches = DataLoader(examples, batch_size=250, collate_fn=collate)
     results = evaluate_robustness(model, batches, ["clean", "pgd20", "cw"], device=device, progress=False)
     if preset.autoattack_examples:

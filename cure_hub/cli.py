@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -63,49 +64,65 @@ def _epsilon(text: str) -> float:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-    from torch.utils.data import DataLoader
-
     from .config import DataConfig, InputError
     from .data import collate, load_eval_split
-    from .evaluation import ATTACKS, check_model_fits_data, evaluate_robustness, parse_attacks
+    from .evaluation import ATTACKS, EvaluationSuite, check_model_fits_data
     from .hub import load_robust_model
     from .models import create_model
     from .plots import write_plots
+    from .sharded_eval import EvaluationState, process_state, run_evaluation, state_folder_for, weights_digest
 
-    attacks = parse_attacks(args.attacks)
+    processes = process_state()
+    if not processes.is_main_process:  # one copy of every log line
+        logging.getLogger("cure_hub").setLevel(logging.ERROR)
+    suite = EvaluationSuite(tuple(args.attacks.split(",")), args.epsilon, args.norm, args.eps_sweep, seed=args.seed)
     if args.plots and not args.output:
         raise InputError("--plots draws from the results file: pass --output FILE.json too")
+    if args.resume and not args.output:
+        raise InputError("--resume continues the evaluation that writes --output FILE: pass its --output")
     data_config = DataConfig(dataset=args.dataset, eval_split=args.split, eval_split_fraction=args.eval_split_fraction,
                              image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
                              subset_seed=args.seed)
-    dataset, split, class_names = load_eval_split(data_config, args.n_examples)
+    dataset, split, class_names, split_size = load_eval_split(data_config, args.n_examples)
+    image_size = dataset[0]["image"].shape[-1]
     if args.checkpoint:
-        model = create_model(args.model, num_classes=len(class_names), image_size=dataset[0]["image"].shape[-1],
+        model = create_model(args.model, num_classes=len(class_names), image_size=image_size,
                              checkpoint=args.checkpoint, **dict(args.model_kwargs or []))
     else:
         model = load_robust_model(args.model, weights=args.weights)
-    check_model_fits_data(model.spec, dataset[0]["image"].shape[-1], class_names)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_model_fits_data(model.spec, image_size, class_names)
+    device = args.device or processes.device
     logger = logging.getLogger("cure_hub")
-    logger.info("evaluating %s on %d examples of %s/%s with %s at eps %.5f (%s)", args.model, len(dataset),
-                args.dataset, split, ", ".join(attacks), args.epsilon, args.norm)
-    if any(ATTACKS[a].autoattack_version for a in attacks) and device == "cpu":
+    logger.info("evaluating %s on %d examples of %s/%s with %s at eps %.5f (%s)%s", args.model, len(dataset),
+                args.dataset, split, ", ".join(suite.attacks), args.epsilon, args.norm,
+                f", {processes.num_processes} processes" if processes.num_processes > 1 else "")
+    if any(ATTACKS[a].autoattack_version for a in suite.attacks) and str(device) == "cpu":
         logger.info("AutoAttack on a CPU takes seconds per example: %d examples will be attacked", len(dataset))
-    batches = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
-    results = {
+    identity = {
         "model": args.model,
         # Which weights of a training run were evaluated: export --eval-results refuses others.
         "weights": args.weights if (Path(args.model) / "model_spec.json").is_file() else None,
         "dataset": args.dataset,
         "split": split,
-        **evaluate_robustness(model, batches, attacks, epsilon=args.epsilon, norm=args.norm, eps_sweep=args.eps_sweep,
-                              device=device, seed=args.seed, n_examples=len(dataset)),
+        "split_examples": split_size,
     }
+    state = None
+    if args.output:
+        fingerprint = {**identity, "weights_sha256": weights_digest(model), "n_examples": len(dataset),
+                       "subset_seed": args.seed, "image_size": image_size, "batch_size": args.batch_size,
+                       **dataclasses.asdict(suite)}
+        state = EvaluationState(state_folder_for(args.output), fingerprint)
+    results = {**identity, **run_evaluation(model, dataset, suite, args.batch_size, collate, device=device,
+                                            state=state, resume=args.resume)}
+    if not processes.is_main_process:
+        return 0
     print(format_results_table(results))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+        output = Path(args.output)
+        temporary = output.with_name(f".{output.name}.tmp")
+        temporary.write_text(json.dumps(results, indent=2))
+        os.replace(temporary, output)  # a results file is whole or absent
+        state.remove()
         if args.plots:
             for path in write_plots([args.output], args.plots):
                 print(f"wrote {path}")
@@ -189,7 +206,8 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--output", help="Write the results JSON here.")
+    evaluate.add_argument("--output", help="Write the results JSON here (and, until it is written, the finished batches to OUTPUT.partial/).")
+    evaluate.add_argument("--resume", action="store_true", help="Continue the unfinished evaluation that writes --output.")
     evaluate.add_argument("--plots", help="Write PNG plots of the results (with --output) to this folder.")
     evaluate.set_defaults(run=_eval)
     plot = commands.add_parser("plot", help="Plots from results JSON files and training run folders.")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -209,10 +209,17 @@ def load_data(config: DataConfig) -> ImageClassificationData:
     )
 
 
-def load_eval_split(config: DataConfig, n_examples: int | None = None):
+class EvalSplit(NamedTuple):
+    dataset: Any
+    split: str
+    class_names: list[str]
+    #: examples in the whole split, of which ``dataset`` may be a subset
+    split_size: int
+
+
+def load_eval_split(config: DataConfig, n_examples: int | None = None) -> EvalSplit:
     """One split for evaluation (``config.eval_split``, else test / validation): a deterministic,
-    class-balanced subset of ``n_examples`` when given. Returns the dataset, its split name and
-    the class names."""
+    class-balanced subset of ``n_examples`` when given."""
     splits = _load_splits(config)
     split = config.eval_split or _held_out(config) or next((s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
     if split not in splits:
@@ -223,7 +230,7 @@ def load_eval_split(config: DataConfig, n_examples: int | None = None):
     dataset = _prepare_split(splits[split], split, label_col, len(class_names), n_examples, "--n-examples", config.subset_seed, transform)
     if config.image_size is None:
         _check_one_image_size(dataset, split)
-    return dataset, split, class_names
+    return EvalSplit(dataset, split, class_names, len(splits[split]))
 
 
 def _load_splits(config: DataConfig) -> dict:

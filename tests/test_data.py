@@ -154,7 +154,7 @@ def test_eval_split_fraction_holds_out_a_stratified_part_of_a_lone_train_split(t
     assert all(torch.equal(again.eval[i]["image"], data.eval[i]["image"]) for i in range(20))
     train_images = {data.train[i]["image"].numpy().tobytes() for i in range(60)}
     assert not any(data.eval[i]["image"].numpy().tobytes() in train_images for i in range(20))  # disjoint
-    dataset, split, _ = load_eval_split(DataConfig(dataset=folder, eval_split_fraction=0.25))
+    dataset, split, *_ = load_eval_split(DataConfig(dataset=folder, eval_split_fraction=0.25))
     assert split == "held_out" and all(torch.equal(dataset[i]["image"], data.eval[i]["image"]) for i in range(20))
     with pytest.raises(ValueError, match="do not name an eval_split as well"):
         DataConfig(dataset=folder, eval_split_fraction=0.25, eval_split="test")
