@@ -212,26 +212,63 @@ def _epsilon_text(epsilon: float) -> str:
     return f"{in_255:g}/255" if abs(in_255 - round(in_255, 2)) < 1e-6 else f"{epsilon:g}"
 
 
+#: The keys of a RobustBench model-info file: the fields of ``robustbench.utils.ModelInfo``, plus
+#: ``unreliable``, which the leaderboard's files carry (e.g. ``model_info/cifar10/Linf/Xu2023Exploring_WRN-28-10.json``).
+#: The threat model is not a key: it is the folder the file goes in, ``model_info/<dataset>/<Linf|L2>/<Name>.json``.
+ROBUSTBENCH_KEYS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                    "architecture", "eps", "clean_acc", "reported", "corruptions_acc", "corruptions_acc_3d",
+                    "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote", "unreliable")
+
+
+def robustbench_path(results: dict, name: str) -> str:
+    """Where a RobustBench entry goes in its repository."""
+    return f"model_info/{_robustbench_dataset(results['dataset'])}/{NORM_NAMES[results['norm']]}/{name}.json"
+
+
+def _robustbench_dataset(dataset: str) -> str:
+    return Path(dataset).name.split("/")[-1].lower()
+
+
 def robustbench_entry(spec: ModelSpec, results: dict, config: dict) -> dict:
-    """An entry in RobustBench's model-info shape."""
+    """An entry in RobustBench's model-info format. ``autoattack_acc`` is left empty unless
+    AutoAttack ran on the whole split (RobustBench's protocol); the footnote then gives the
+    subset's figure with its sample size and interval."""
     accuracy = results["accuracy"]
+    n, whole_split = results["n_examples"], results.get("split_examples")
     aa = accuracy.get("aa")
+
+    def percent(value: float) -> str:
+        return f"{100 * value:.2f}"
+
+    def measured(name: str) -> str:
+        low, high = results.get("intervals", {}).get(name) or wilson_interval(round(accuracy[name] * n), n)
+        return f"{percent(accuracy[name])} % on {n} examples (95 % interval {percent(low)}-{percent(high)} %)"
+
+    full_set = n is not None and n == whole_split
+    if aa is None:
+        footnote = "Not evaluated with AutoAttack: run `cure-hub eval ... --attacks clean,aa` and re-render the card."
+    elif full_set:
+        footnote = f"Evaluated by cure-hub: AutoAttack {measured('aa')}."
+    else:
+        footnote = (f"AutoAttack {measured('aa')} of the {whole_split or '?'} of the {results['split']} split: "
+                    "not RobustBench's full set, so autoattack_acc is left empty.")
+    if "clean" in accuracy and not full_set:
+        footnote += f" Clean accuracy {measured('clean')}."
     return {
         "link": "",
         "name": f"{config['method']['method'].upper()} {spec.architecture}",
         "authors": "",
         "additional_data": False,
         "number_forward_passes": 1,
-        "dataset": Path(results["dataset"]).name.split("/")[-1],
+        "dataset": _robustbench_dataset(results["dataset"]),
         "venue": "",
         "architecture": spec.architecture,
-        "threat_model": NORM_NAMES[results["norm"]],
         "eps": _epsilon_text(results["epsilon"]),
-        "clean_acc": f"{100 * accuracy['clean']:.2f}" if "clean" in accuracy else None,
+        "clean_acc": percent(accuracy["clean"]) if "clean" in accuracy else "",
         "reported": "",
-        "autoattack_acc": f"{100 * aa:.2f}" if aa is not None else None,
-        "footnote": (f"Evaluated by cure-hub on {results['n_examples']} examples." if aa is not None
-                     else "Not evaluated with AutoAttack: run `cure-hub eval ... --attacks clean,aa` and re-render the card."),
+        "autoattack_acc": percent(aa) if aa is not None and full_set else "",
+        "footnote": footnote,
+        "unreliable": bool(results.get("unreliable", False)),
     }
 
 
@@ -309,6 +346,9 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         has_autoattack=any(k.startswith("aa") for k in results["accuracy"]),
         intervals={name: wilson_interval(round(value * n), n) for name, value in results["accuracy"].items()},
         interval_method=INTERVAL_METHOD,
+        split_examples=results.get("split_examples"),
+        warnings=results.get("warnings", []),
+        robustbench_path=robustbench_path(results, name.split("/")[-1]),
     )
 
 

@@ -8,7 +8,8 @@ from cure_hub.cli import main
 from cure_hub.evaluation import evaluate_robustness, gradient_masking_warnings, natural_robustness_ratio, wilson_interval
 from cure_hub.hub import load_robust_model
 
-RESULT_KEYS = {"model", "dataset", "split", "n_examples", "norm", "epsilon", "accuracy", "nrr", "eps_sweep", "warnings"}
+RESULT_KEYS = {"model", "dataset", "split", "split_examples", "n_examples", "norm", "epsilon", "accuracy", "intervals", "nrr",
+               "eps_sweep", "checks", "warnings", "unreliable"}
 
 
 @pytest.fixture(scope="module")

@@ -198,7 +198,15 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_partial(runs, tmp_
     os.umask(umask)
     assert export.stat().st_mode & 0o777 == 0o777 & ~umask
     entry = json.loads((export / "robustbench.json").read_text())
-    assert entry["eps"] == "8/255" and entry["additional_data"] is False and entry["threat_model"] == "Linf"
+    assert entry["eps"] == "8/255" and entry["additional_data"] is False and entry["unreliable"] is False
+    assert set(entry) <= set(ROBUSTBENCH_MODEL_INFO) | {"unreliable"}
+
+
+# The fields of RobustBench's ModelInfo (robustbench/utils.py, RobustBench/robustbench on GitHub);
+# the leaderboard's files add "unreliable" (model_info/cifar10/Linf/Xu2023Exploring_WRN-28-10.json).
+ROBUSTBENCH_MODEL_INFO = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                          "architecture", "eps", "clean_acc", "reported", "corruptions_acc", "corruptions_acc_3d",
+                          "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote")
 
 
 def test_export_overwrite_never_replaces_the_run_its_parents_or_the_current_folder(runs, tmp_path, monkeypatch, capsys):
@@ -221,13 +229,29 @@ def test_card_command_rerenders_after_a_new_evaluation(runs, tmp_path):
     results = json.loads((out / "eval_results.json").read_text())
     results["accuracy"] = {"clean": 0.5, "pgd20": 0.25, "aa": 0.2}
     results["nrr"] = {"aa": 2 * 0.5 * 0.2 / 0.7}
+    results.update(n_examples=200, split_examples=10000, split="test", unreliable=True,
+                   warnings=["the model outputs probabilities (in [0, 1], summing to 1), not logits"])
     (tmp_path / "new.json").write_text(json.dumps(results))
     done = subprocess.run([sys.executable, "-m", "cure_hub.cli", "card", str(out), "--eval-results", str(tmp_path / "new.json")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    card = ModelCard((out / "README.md").read_text(), ignore_metadata_errors=False)
+    text = (out / "README.md").read_text()
+    card = ModelCard(text, ignore_metadata_errors=False)
     assert {r.metric_args["attack"]: r.metric_value for r in card.data.eval_results} == results["accuracy"]
-    assert json.loads((out / "robustbench.json").read_text())["autoattack_acc"] == "20.00"
+    assert "**These numbers come from a subset**: 200 class-balanced examples of the\n10000 of the test split" in text
+    assert "- the model outputs probabilities" in text
+    entry = json.loads((out / "robustbench.json").read_text())
+    # AutoAttack on 200 of 10,000 examples is not RobustBench's protocol: its figure goes to the footnote.
+    assert entry["autoattack_acc"] == "" and entry["unreliable"] is True
+    assert "AutoAttack 20.00 % on 200 examples (95 % interval 15.05-26.09 %)" in entry["footnote"]  # Wilson, by hand
+    assert "model_info/digits/Linf/" in text
+
+    results.update(n_examples=10000, unreliable=False, warnings=[])
+    (tmp_path / "new.json").write_text(json.dumps(results))
+    cli_main(["card", str(out), "--eval-results", str(tmp_path / "new.json")])
+    entry = json.loads((out / "robustbench.json").read_text())
+    assert entry["autoattack_acc"] == "20.00" and entry["clean_acc"] == "50.00" and entry["unreliable"] is False
+    assert "come from a subset" not in (out / "README.md").read_text()
 
 
 def test_loaders_return_eval_mode_models(runs):
