@@ -65,6 +65,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from .config import DataConfig, InputError
+    from .corruptions import RELEASES, CorruptedCopy, parse_corruptions, parse_severities
     from .data import collate, load_eval_split
     from .evaluation import ATTACKS, EvaluationSuite, check_model_fits_data
     from .hub import load_robust_model
@@ -75,7 +76,13 @@ def _eval(args: argparse.Namespace) -> int:
     processes = process_state()
     if not processes.is_main_process:  # one copy of every log line
         logging.getLogger("cure_hub").setLevel(logging.ERROR)
-    suite = EvaluationSuite(tuple(args.attacks.split(",")), args.epsilon, args.norm, args.eps_sweep, seed=args.seed)
+    corruptions = parse_corruptions(args.corruptions) if args.corruptions else ()
+    if corruptions and not args.corruptions_dataset:
+        raise InputError("--corruptions reads the corrupted images from a copy of the published data: pass "
+                         f"--corruptions-dataset FOLDER_OR_HUB_ID ({RELEASES}); they cannot be generated here "
+                         "(see cure_hub/corruptions.py)")
+    suite = EvaluationSuite(tuple(args.attacks.split(",")), args.epsilon, args.norm, args.eps_sweep, seed=args.seed,
+                            corruptions=corruptions, severities=parse_severities(args.severities))
     if args.plots and not args.output:
         raise InputError("--plots draws from the results file: pass --output FILE.json too")
     if args.resume and not args.output:
@@ -83,7 +90,8 @@ def _eval(args: argparse.Namespace) -> int:
     data_config = DataConfig(dataset=args.dataset, eval_split=args.split, eval_split_fraction=args.eval_split_fraction,
                              image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
                              subset_seed=args.seed)
-    dataset, split, class_names, split_size = load_eval_split(data_config, args.n_examples)
+    dataset, split, class_names, split_size, split_indices = load_eval_split(data_config, args.n_examples)
+    corrupted_copy = CorruptedCopy(args.corruptions_dataset, corruptions, suite.severities, split_size) if corruptions else None
     image_size = dataset[0]["image"].shape[-1]
     if args.checkpoint:
         model = create_model(args.model, num_classes=len(class_names), image_size=image_size,
@@ -110,10 +118,12 @@ def _eval(args: argparse.Namespace) -> int:
     if args.output:
         fingerprint = {**identity, "weights_sha256": weights_digest(model), "n_examples": len(dataset),
                        "subset_seed": args.seed, "image_size": image_size, "batch_size": args.batch_size,
+                       "corruptions_dataset": args.corruptions_dataset,
                        **dataclasses.asdict(suite)}
         state = EvaluationState(state_folder_for(args.output), fingerprint)
     results = {**identity, **run_evaluation(model, dataset, suite, args.batch_size, collate, device=device,
-                                            state=state, resume=args.resume)}
+                                            state=state, resume=args.resume, corrupted_copy=corrupted_copy,
+                                            split_indices=split_indices)}
     if not processes.is_main_process:
         return 0
     print(format_results_table(results))
@@ -135,6 +145,9 @@ def format_results_table(results: dict) -> str:
         rows.append(("worst case", f"{results['worst_case']:.4f}"))
     rows += [(f"NRR ({name})", f"{value:.4f}") for name, value in results["nrr"].items()]
     rows += [(f"PGD-20 @ {eps}", f"{value:.4f}") for eps, value in results["eps_sweep"].items()]
+    rows += [(name, f"{value:.4f}") for name, value in results.get("corruptions", {}).items()]
+    if results.get("corruption_mean") is not None:
+        rows.append(("corruptions (mean)", f"{results['corruption_mean']:.4f}"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{results['n_examples']} examples, {results['norm']} eps {results['epsilon']:.5f}"]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
@@ -202,6 +215,10 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--epsilon", type=_epsilon, default=8 / 255, help="Radius, e.g. 8/255 (default) or 0.5.")
     evaluate.add_argument("--norm", default="linf", choices=("linf", "l2"))
     evaluate.add_argument("--eps-sweep", action="store_true", help="PGD-20 accuracy at eps 0.25 ... 8/255.")
+    evaluate.add_argument("--corruptions", metavar="all|NAME,...", help="Accuracy under natural corruptions (CIFAR-10-C's 15).")
+    evaluate.add_argument("--severities", default="3", help="Corruption severities: 3 (the paper's), 1,3,5 or all.")
+    evaluate.add_argument("--corruptions-dataset", metavar="FOLDER_OR_HUB_ID",
+                          help="A copy of the corrupted test set in its release layout (<corruption>.npy, labels.npy).")
     evaluate.add_argument("--n-examples", type=int, help="A deterministic, class-balanced subset of this many examples.")
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")

@@ -196,7 +196,7 @@ def load_data(config: DataConfig) -> ImageClassificationData:
     transform = _ToTensors(image_col, label_col, config.image_size)
     prepared = {}
     for split, subset, flag in ((train_name, config.train_subset, "--train-subset"), (eval_name, config.eval_subset, "--eval-subset")):
-        prepared[split] = _prepare_split(splits[split], split, label_col, len(class_names), subset, flag, config.subset_seed, transform)
+        prepared[split], _ = _prepare_split(splits[split], split, label_col, len(class_names), subset, flag, config.subset_seed, transform)
     train = prepared[train_name]
     if config.image_size is None:
         _check_one_image_size(train, train_name)
@@ -215,6 +215,8 @@ class EvalSplit(NamedTuple):
     class_names: list[str]
     #: examples in the whole split, of which ``dataset`` may be a subset
     split_size: int
+    #: the position in the whole split of each example of ``dataset``
+    split_indices: list[int]
 
 
 def load_eval_split(config: DataConfig, n_examples: int | None = None) -> EvalSplit:
@@ -227,10 +229,10 @@ def load_eval_split(config: DataConfig, n_examples: int | None = None) -> EvalSp
     image_col, label_col = detect_columns(splits[split].features, config.image_column, config.label_column)
     transform = _ToTensors(image_col, label_col, config.image_size)
     class_names = _class_names(splits[split], label_col)
-    dataset = _prepare_split(splits[split], split, label_col, len(class_names), n_examples, "--n-examples", config.subset_seed, transform)
+    dataset, indices = _prepare_split(splits[split], split, label_col, len(class_names), n_examples, "--n-examples", config.subset_seed, transform)
     if config.image_size is None:
         _check_one_image_size(dataset, split)
-    return EvalSplit(dataset, split, class_names, len(splits[split]))
+    return EvalSplit(dataset, split, class_names, len(splits[split]), indices)
 
 
 def _load_splits(config: DataConfig) -> dict:
@@ -256,7 +258,8 @@ def _held_out(config: DataConfig) -> str | None:
 
 
 def _prepare_split(dataset, split: str, label_column: str, num_classes: int, subset: int | None, subset_flag: str, seed: int, transform):
-    """Check the split's labels, take its subset, set its transform."""
+    """Check the split's labels, take its subset, set its transform. Returns the prepared split
+    and the positions of its examples in the whole split."""
     if len(dataset) == 0:
         raise InputError(f"the {split} split is empty; choose another split")
     labels = np.asarray(dataset[label_column])
@@ -271,8 +274,9 @@ def _prepare_split(dataset, split: str, label_column: str, num_classes: int, sub
     if subset:
         if subset > len(labels):
             raise InputError(f"{subset_flag} {subset} is larger than the {split} split ({len(labels)} examples)")
-        dataset = dataset.select(balanced_subset_indices(labels, subset, seed))
-    return dataset.with_transform(transform)
+        indices = balanced_subset_indices(labels, subset, seed)
+        return dataset.select(indices).with_transform(transform), indices
+    return dataset.with_transform(transform), list(range(len(dataset)))
 
 
 def _class_names(dataset, label_column: str) -> list[str]:

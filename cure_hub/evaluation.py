@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .attacks import pgd_attack
 from .config import AttackConfig, InputError
+from .corruptions import CORRUPTIONS, SEVERITIES
 from .evaluation_checks import (
     LARGE_EPSILON,
     gradient_masking_warnings,
@@ -127,6 +128,8 @@ class EvaluationSuite:
         eps_sweep: also PGD-20 at the ε of :data:`EPS_SWEEP` (l-inf only).
         sanity_checks: gradient-masking and AutoAttack's reliability checks.
         seed: root of every attack's random draws.
+        corruptions, severities: natural corruptions whose accuracy to measure
+            (:mod:`cure_hub.corruptions`; the images come with each batch).
     """
 
     attacks: tuple[str, ...] = ("clean", "pgd20", "pgd100", "cw")
@@ -135,6 +138,8 @@ class EvaluationSuite:
     eps_sweep: bool = False
     sanity_checks: bool = True
     seed: int = 0
+    corruptions: tuple[str, ...] = ()
+    severities: tuple[int, ...] = (3,)
 
     def __post_init__(self):
         object.__setattr__(self, "attacks", tuple(parse_attacks(self.attacks)))
@@ -142,6 +147,10 @@ class EvaluationSuite:
             raise InputError(f"unknown norm {self.norm!r}; choose from {', '.join(NORM_NAMES)}")
         if not 0 < self.epsilon <= 1:
             raise InputError(f"epsilon must be in (0, 1] (pixel units; 8/255 = 0.0314), got {self.epsilon}")
+        unknown = [c for c in self.corruptions if c not in CORRUPTIONS] + [s for s in self.severities if s not in SEVERITIES]
+        if unknown:
+            raise InputError(f"unknown corruption(s) or severities {unknown}; corruptions: {', '.join(CORRUPTIONS)}; "
+                             f"severities: 1-5")
 
     @property
     def robust_attacks(self) -> list[str]:
@@ -171,14 +180,18 @@ class EvaluationSuite:
         return int.from_bytes(digest, "little")
 
     def run_batch(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_index: int,
+                  corrupted: dict[str, torch.Tensor] | None = None,
                   announce: Callable[[str], None] = lambda attack: None) -> dict:
         """Every attack and check on one batch: a JSON-ready record of per-example flags
         (``"0"``/``"1"`` strings: correct, or robust, per example) and per-batch checks.
+        ``corrupted`` holds the batch's corrupted versions, keyed ``corruption/severity``.
         ``announce`` hears the name of each attack as it starts (AutoAttack takes minutes a batch)."""
         with torch.no_grad():
             logits = model(images)
+            flags = {f"corruption/{key}": model(versions.to(images.device)).argmax(1) == labels
+                     for key, versions in (corrupted or {}).items()}
         clean = logits.argmax(1) == labels
-        flags = {"clean": clean}
+        flags["clean"] = clean
         checks = {}
         if self.sanity_checks and batch_index == 0:  # AutoAttack's own checks look at the first batch
             checks = {"randomized": outputs_are_random(model, images, logits),
@@ -247,16 +260,16 @@ class EvaluationSuite:
                 broken_by_square[index[fooled]] = True
         return adversarial, broken_by_square
 
-    def attack_batches(self, model: torch.nn.Module, batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    def attack_batches(self, model: torch.nn.Module, batches: Iterable[tuple[int, torch.Tensor, torch.Tensor, dict]],
                        device, bar: tqdm | None = None, bar_prefix: str = "eval") -> Iterator[dict]:
-        """:meth:`run_batch` on each ``(batch_index, images, labels)``, reporting the running attack
-        and the clean and worst-case accuracy so far to ``bar``."""
+        """:meth:`run_batch` on each ``(batch_index, images, labels, corrupted)``, reporting the
+        running attack and the clean and worst-case accuracy so far to ``bar``."""
         self.check_model(model)
         model = model.to(device).eval()
         clean, worst = [], []
         announce = (lambda attack: bar.set_description(f"{bar_prefix} [{attack}]")) if bar is not None else (lambda attack: None)
-        for batch_index, images, labels in batches:
-            record = self.run_batch(model, images.to(device), labels.to(device), batch_index, announce)
+        for batch_index, images, labels, corrupted in batches:
+            record = self.run_batch(model, images.to(device), labels.to(device), batch_index, corrupted, announce)
             yield record
             if bar is not None:
                 flags = {name: _bits(value) for name, value in record["flags"].items()}
@@ -286,10 +299,17 @@ class EvaluationSuite:
             "eps_sweep": {name.removeprefix("eps_sweep/"): float(value.mean())
                           for name, value in flags.items() if name.startswith("eps_sweep/")},
             "attacks": {name: ATTACKS[name].description for name in self.attacks},
+            "corruptions": {name.removeprefix("corruption/"): float(value.mean())
+                            for name, value in flags.items() if name.startswith("corruption/")},
             "checks": {},
             "warnings": [],
             "unreliable": False,
         }
+        if results["corruptions"]:
+            results["corruption_mean"] = float(np.mean(list(results["corruptions"].values())))
+            results["corruption_intervals"] = {
+                name.removeprefix("corruption/"): list(wilson_interval(int(value.sum()), n))
+                for name, value in flags.items() if name.startswith("corruption/")}
         for robust_name, key in (("cw", "cw"), ("aa", "aa"), ("aa-rand", "aa")):
             if robust_name in accuracy:
                 results["nrr"][key] = natural_robustness_ratio(accuracy["clean"], accuracy[robust_name])
@@ -331,7 +351,7 @@ def evaluate_robustness(
     work over processes and makes it resumable (:func:`cure_hub.sharded_eval.run_evaluation`)."""
     suite = EvaluationSuite(tuple(attacks), epsilon, norm, eps_sweep, sanity_checks, seed)
     with tqdm(total=n_examples, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        records = list(suite.attack_batches(model, ((i, x, y) for i, (x, y) in enumerate(batches)), device, bar))
+        records = list(suite.attack_batches(model, ((i, x, y, {}) for i, (x, y) in enumerate(batches)), device, bar))
     results = suite.summarise(records)
     for warning in results["warnings"]:
         logger.warning(warning)

@@ -348,6 +348,9 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         interval_method=INTERVAL_METHOD,
         split_examples=results.get("split_examples"),
         warnings=results.get("warnings", []),
+        corruptions=results.get("corruptions", {}),
+        corruption_intervals=results.get("corruption_intervals", {}),
+        corruption_mean=results.get("corruption_mean"),
         robustbench_path=robustbench_path(results, name.split("/")[-1]),
     )
 

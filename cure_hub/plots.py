@@ -120,13 +120,42 @@ def plot_layer_statistics(run_dir: Path, output: Path) -> Path | None:
     return output
 
 
+def plot_corruptions(results_files: list[Path], output: Path) -> Path | None:
+    """Accuracy under each natural corruption (mean over the severities evaluated), one group of
+    bars per corruption and a bar per results file, with the clean accuracy as a line."""
+    runs = [(p, json.loads(p.read_text())) for p in results_files]
+    runs = [(p, r) for p, r in runs if r.get("corruptions")]
+    if not runs:
+        return None
+    plt = _pyplot()
+    names = list(dict.fromkeys(key.split("/")[0] for _, r in runs for key in r["corruptions"]))
+    figure, axes = plt.subplots(figsize=(max(5.0, 0.6 * len(names) + 2), 3.8))
+    width = 0.8 / len(runs)
+    for i, (path, results) in enumerate(runs):
+        means = [sum(v for k, v in results["corruptions"].items() if k.split("/")[0] == name)
+                 / max(1, sum(k.split("/")[0] == name for k in results["corruptions"])) for name in names]
+        bars = axes.bar([j + i * width for j in range(len(names))], means, width,
+                        label=f"{_label(results, path)} (mean {results['corruption_mean']:.3f})")
+        axes.axhline(results["accuracy"]["clean"], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+    severities = sorted({k.split("/")[1] for _, r in runs for k in r["corruptions"]})
+    axes.set(ylabel="accuracy", ylim=(0, 1), title=f"Natural corruptions (severity {', '.join(severities)}; dashed: clean)")
+    axes.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [n.replace("_", " ") for n in names],
+                    rotation=45, ha="right", fontsize="small")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
 def write_plots(inputs: list[str], output_dir: str) -> list[Path]:
     """Every plot the inputs allow: results JSON files and training run folders."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in inputs]
     results_files = [p for p in paths if p.is_file()]
-    written = [plot_eps_sweep(results_files, out / "eps_sweep.png"), plot_tradeoff(results_files, out / "tradeoff.png")]
+    written = [plot_eps_sweep(results_files, out / "eps_sweep.png"), plot_tradeoff(results_files, out / "tradeoff.png"),
+               plot_corruptions(results_files, out / "corruptions.png")]
     for run in (p for p in paths if p.is_dir()):
         written.append(plot_training(run, out / f"training_{run.name}.png"))
         written.append(plot_layer_statistics(run, out / f"layer_statistics_{run.name}.png"))

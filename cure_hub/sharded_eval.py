@@ -124,13 +124,17 @@ def run_evaluation(
     state: EvaluationState | None = None,
     resume: bool = False,
     progress: bool = True,
+    corrupted_copy=None,
+    split_indices: list[int] | None = None,
 ) -> dict:
     """Evaluate ``model`` on ``dataset`` with ``suite``, this process's share of the batches, and
     return the summary of all processes' (on every process).
 
     With ``state``, finished batches are written to it as they finish; ``resume`` continues from
     them (refused if the evaluation was started with another fingerprint), and without ``resume``
-    an unfinished evaluation in the same place is refused rather than overwritten.
+    an unfinished evaluation in the same place is refused rather than overwritten. With
+    ``corrupted_copy`` (a :class:`~cure_hub.corruptions.CorruptedCopy`), each batch's corrupted
+    versions are read from it at ``split_indices``, the examples' positions in the whole split.
     """
     from accelerate.utils import gather_object
 
@@ -158,7 +162,9 @@ def run_evaluation(
     with (state.writer(processes.process_index) if state is not None else open(os.devnull, "w")) as file, \
             tqdm(total=sum(map(len, batch_indices)), unit="img", dynamic_ncols=True,
                  disable=not progress or not processes.is_main_process) as bar:
-        batches = ((b, images, labels) for b, (images, labels) in zip(mine, loader))
+        batches = ((b, images, labels, corrupted_copy.batch([split_indices[i] for i in positions], labels)
+                    if corrupted_copy is not None else {})
+                   for b, positions, (images, labels) in zip(mine, batch_indices, loader))
         for record in suite.attack_batches(model, batches, device, bar, bar_prefix=prefix):
             new.append(record)
             if state is not None:

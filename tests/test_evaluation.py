@@ -1,12 +1,16 @@
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import cure_hub
 from cure_hub.cli import main
+from cure_hub.config import DataConfig
+from cure_hub.data import load_eval_split
 from cure_hub.evaluation import evaluate_robustness, gradient_masking_warnings, natural_robustness_ratio, wilson_interval
-from cure_hub.hub import load_robust_model
+from cure_hub.hub import export_run, load_robust_model
 
 RESULT_KEYS = {"model", "dataset", "split", "split_examples", "n_examples", "norm", "epsilon", "accuracy", "intervals", "nrr",
                "eps_sweep", "checks", "warnings", "unreliable"}
@@ -117,3 +121,54 @@ def test_plot_labels_name_the_run_and_its_weights(tmp_path):
     assert _label({"model": str(tmp_path / "runs" / "quickstart"), "weights": "best"}, tmp_path / "r.json") == "quickstart (best)"
     assert _label({"model": "you/cure-digits", "weights": None}, tmp_path / "r.json") == "cure-digits"
     assert _label({}, tmp_path / "results_a.json") == "results_a"
+
+
+@pytest.fixture(scope="module")
+def corrupted_digits(tmp_path_factory):
+    """A copy of the digits test split in CIFAR-10-C's layout: ``gaussian_noise`` holds the clean
+    images at severity 3 and black ones at the others, ``fog`` black images throughout."""
+    clean = load_eval_split(DataConfig(dataset="digits")).dataset
+    images = np.stack([example["image"].permute(1, 2, 0).numpy() for example in clean])
+    labels = np.array([example["label"] for example in clean])
+    copy = tmp_path_factory.mktemp("digits-c")
+    np.save(copy / "labels.npy", np.tile(labels, 5))
+    np.save(copy / "gaussian_noise.npy", np.concatenate([images if s == 3 else 0 * images for s in range(1, 6)]))
+    np.save(copy / "fog.npy", np.zeros((5 * len(images), *images.shape[1:]), np.uint8))
+    return copy
+
+
+def test_corruptions_are_read_from_a_copy_of_the_published_data(natural_run, corrupted_digits, tmp_path):
+    output = tmp_path / "results.json"
+    assert main(["eval", str(natural_run), "--dataset", "digits", "--n-examples", "40", "--attacks", "clean",
+                 "--corruptions", "gaussian_noise,fog", "--corruptions-dataset", str(corrupted_digits),
+                 "--output", str(output), "--plots", str(tmp_path / "plots")]) == 0
+    results = json.loads(output.read_text())
+    # The subset's examples are read at their positions in the whole split: severity 3 of
+    # gaussian_noise is the clean image itself.
+    assert results["corruptions"]["gaussian_noise/3"] == results["accuracy"]["clean"] > 0.8
+    subset_labels = np.array([e["label"] for e in load_eval_split(DataConfig(dataset="digits"), 40).dataset])
+    black = load_robust_model(natural_run)(torch.zeros(1, 3, 8, 8)).argmax().item()
+    assert results["corruptions"]["fog/3"] == pytest.approx(np.mean(subset_labels == black))
+    assert results["corruption_mean"] == pytest.approx((results["corruptions"]["gaussian_noise/3"] + results["corruptions"]["fog/3"]) / 2)
+    assert results["corruption_intervals"]["fog/3"] == list(wilson_interval(round(40 * results["corruptions"]["fog/3"]), 40))
+    assert (tmp_path / "plots" / "corruptions.png").stat().st_size > 1000
+    card = (export_run(natural_run, tmp_path / "export", eval_results=output) / "README.md").read_text()
+    assert "### Natural corruptions" in card and "| fog (3) |" in card
+
+
+def test_corruption_mistakes_are_one_line_errors(natural_run, corrupted_digits, tmp_path, capsys):
+    base = ["eval", str(natural_run), "--dataset", "digits", "--n-examples", "20", "--attacks", "clean"]
+    for extra, message in (
+        (["--corruptions", "fog"], "pass --corruptions-dataset FOLDER_OR_HUB_ID"),
+        (["--corruptions", "fogg", "--corruptions-dataset", str(corrupted_digits)], "unknown corruption(s) ['fogg']"),
+        (["--corruptions", "fog", "--severities", "6", "--corruptions-dataset", str(corrupted_digits)], "among 1-5"),
+        (["--corruptions", "snow", "--corruptions-dataset", str(corrupted_digits)], "lacks snow.npy"),
+    ):
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(corrupted_digits, shuffled)
+    labels = np.load(shuffled / "labels.npy")
+    np.save(shuffled / "labels.npy", np.roll(labels, 1))
+    assert main(base + ["--corruptions", "fog", "--corruptions-dataset", str(shuffled)]) == 2
+    assert "it is not the corrupted copy of this split" in capsys.readouterr().err
