@@ -12,6 +12,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 from .arguments import ArgumentParser, key_value, number
+from .config import WEIGHT_CHOICES
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -155,6 +156,45 @@ def format_results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _tradeoff(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    import yaml
+    from torch.utils.data import DataLoader
+
+    from .config import DataConfig
+    from .data import collate, load_eval_split
+    from .evaluation import parse_attacks
+    from .interpolation import TRADEOFF_FILE, tradeoff_curve
+    from .plots import plot_interpolation
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a training run folder (no config.yaml)")
+    trained = yaml.safe_load((run / "config.yaml").read_text())
+    data_config = DataConfig(dataset=args.dataset or trained["data"]["dataset"], eval_split=args.split,
+                             image_size=trained["data"].get("image_size"), subset_seed=args.seed)
+    examples, split, _, split_size, _ = load_eval_split(data_config, args.n_examples)
+    batches = DataLoader(examples, batch_size=args.batch_size, collate_fn=collate)
+    curve = tradeoff_curve(run, args.weights, args.points, batches, parse_attacks(args.attacks),
+                           epsilon=args.epsilon or trained["attack"]["epsilon"], norm=args.norm or trained["attack"]["norm"],
+                           device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                           bn_batches=args.bn_batches, seed=args.seed)
+    curve.update(dataset=data_config.dataset, split=split, split_examples=split_size)
+    output = Path(args.output_dir or run / "tradeoff")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / TRADEOFF_FILE).write_text(json.dumps(curve, indent=2))
+    robust = curve["nrr_attack"]
+    print(f"θ(λ) = (1 - λ)·start + λ·{args.weights}, {curve['n_examples']} examples; batch norm: {curve['batch_norm']}")
+    print(f"{'λ':>5}  {'clean':>6}  {robust:>6}  {'NRR':>6}")
+    for row in curve["points"]:
+        best = "  <- best NRR" if row["lambda"] == curve["best_lambda"] else ""
+        print(f"{row['lambda']:>5.2f}  {row['accuracy']['clean']:.4f}  {row['accuracy'][robust]:.4f}  {row['nrr']:.4f}{best}")
+    print(f"wrote {output / TRADEOFF_FILE} and {plot_interpolation(output / TRADEOFF_FILE, output / 'tradeoff.png')}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from .plots import write_plots
 
@@ -168,8 +208,9 @@ def _export(args: argparse.Namespace) -> int:
     from .hub import export_run
 
     out = export_run(args.run_dir, args.out_dir, weights=args.weights, eval_results=args.eval_results,
-                     overwrite=args.overwrite, repo_id=args.repo_id)
-    print(f"exported {args.run_dir} ({args.weights} weights) to {out}")
+                     overwrite=args.overwrite, repo_id=args.repo_id, interpolate=args.interpolate)
+    what = f"{args.weights} weights" if args.interpolate is None else f"θ(λ = {args.interpolate:g}) towards its {args.weights} weights"
+    print(f"exported {args.run_dir} ({what}) to {out}")
     return 0
 
 
@@ -202,7 +243,7 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("model", help="Run folder, export folder, Hub id, or an architecture with --checkpoint.")
     evaluate.add_argument("--checkpoint", help="State dict for an architecture name (e.g. a CIFAR ResNet checkpoint).")
     evaluate.add_argument("--model-kwargs", nargs="+", type=key_value, metavar="KEY=VALUE", help="Constructor arguments with --checkpoint.")
-    evaluate.add_argument("--weights", default="last", choices=("last", "best", "revision"), help="Which weights of a run folder.")
+    evaluate.add_argument("--weights", default="last", choices=list(WEIGHT_CHOICES), help="Which weights of a run folder.")
     evaluate.add_argument("--dataset", default="uoft-cs/cifar10", help="Dataset id, folder or packaged name.")
     evaluate.add_argument("--split", help="Split to evaluate (default: test, else validation).")
     evaluate.add_argument("--eval-split-fraction", type=number, metavar="FRACTION",
@@ -231,13 +272,33 @@ def build_parser() -> ArgumentParser:
     plot.add_argument("inputs", nargs="+", help="results.json files (ε sweep, trade-off) and run folders (training curves).")
     plot.add_argument("--output-dir", required=True)
     plot.set_defaults(run=_plot)
+    tradeoff = commands.add_parser("tradeoff", help="The clean/robust dial: evaluate θ(λ) between a run's start and its robust weights.",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tradeoff.add_argument("run_dir")
+    tradeoff.add_argument("--weights", default="last", choices=[w for w in WEIGHT_CHOICES if w != "start"],
+                          help="The robust end point (λ = 1).")
+    tradeoff.add_argument("--points", type=int, default=11, help="Evenly spaced λ from 0 to 1.")
+    tradeoff.add_argument("--dataset", help="Evaluation dataset (default: the run's).")
+    tradeoff.add_argument("--split", help="Split to evaluate (default: test, else validation).")
+    tradeoff.add_argument("--n-examples", type=int, default=500, help="A class-balanced subset, the same at every λ.")
+    tradeoff.add_argument("--attacks", default="clean,pgd20", help="Comma-separated, as for eval (aa is slow).")
+    tradeoff.add_argument("--epsilon", type=_epsilon, help="Default: the run's training ε.")
+    tradeoff.add_argument("--norm", choices=("linf", "l2"), help="Default: the run's.")
+    tradeoff.add_argument("--bn-batches", type=int, default=50, help="Training batches to recompute batch-norm statistics on.")
+    tradeoff.add_argument("--batch-size", type=int, default=128)
+    tradeoff.add_argument("--device")
+    tradeoff.add_argument("--seed", type=int, default=0)
+    tradeoff.add_argument("--output-dir", help="Default: RUN/tradeoff (where export --interpolate looks).")
+    tradeoff.set_defaults(run=_tradeoff)
     export = commands.add_parser("export", help="Export a training run as a Hub-ready folder with a model card.")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
-    export.add_argument("--weights", default="last", choices=("last", "best", "revision"))
+    export.add_argument("--weights", default="last", choices=list(WEIGHT_CHOICES))
     export.add_argument("--eval-results", help="A `cure-hub eval` results JSON for the card (default: the run's own evaluation).")
     export.add_argument("--repo-id", help="The Hub id the card's usage examples name.")
     export.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
+    export.add_argument("--interpolate", type=number, metavar="LAMBDA",
+                        help="Export θ(λ) = (1 - λ)·start + λ·WEIGHTS, a point of the run's `cure-hub tradeoff` curve.")
     export.set_defaults(run=_export)
     card = commands.add_parser("card", help="Re-render an export's model card (after a new evaluation).")
     card.add_argument("dir")

@@ -12,6 +12,15 @@ import typing
 from pathlib import Path
 
 
+#: The weights a training run writes (``RUN/weights/<name>.safetensors``), and what each is.
+WEIGHT_CHOICES = {
+    "last": "the model at the end of training",
+    "best": "the checkpoint with the best PGD accuracy on the evaluation subset during training",
+    "revision": "CURE's revision model, the stochastic moving average of the trained model",
+    "start": "the weights the robust fine-tuning started from (after the natural warm-up, or the initial model)",
+}
+
+
 class InputError(ValueError):
     """Bad input from the user (a flag, a recipe value, a dataset, a file): the command line
     reports it in one line, with exit status 2, and no traceback."""

@@ -21,6 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .config import WEIGHT_CHOICES
 from .evaluation import INTERVAL_METHOD, NORM_NAMES, wilson_interval
 from .models import ModelSpec, RobustClassifier, check_finite, from_transformers_pretrained, model_from_spec
 
@@ -111,11 +112,6 @@ def _load_export(location: str, config: dict, local: bool, revision: str | None,
 # --------------------------------------------------------------------------------------------
 # Export
 
-WEIGHT_CHOICES = {
-    "last": "the model at the end of training",
-    "best": "the checkpoint with the best PGD accuracy on the evaluation subset during training",
-    "revision": "CURE's revision model, the stochastic moving average of the trained model",
-}
 ATTACK_NAMES = {"clean": "Clean", "pgd20": "PGD-20", "pgd100": "PGD-100", "cw": "C&W (CW-inf)",
                 "aa": "AutoAttack", "aa-rand": "AutoAttack (rand)", "apgd-ce": "APGD-CE"}
 
@@ -348,6 +344,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         interval_method=INTERVAL_METHOD,
         split_examples=results.get("split_examples"),
         warnings=results.get("warnings", []),
+        interpolation=training.get("interpolation"),
         corruptions=results.get("corruptions", {}),
         corruption_intervals=results.get("corruption_intervals", {}),
         corruption_mean=results.get("corruption_mean"),
@@ -371,11 +368,14 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "last",
-               eval_results: str | os.PathLike | None = None, overwrite: bool = False, repo_id: str | None = None) -> Path:
+               eval_results: str | os.PathLike | None = None, overwrite: bool = False, repo_id: str | None = None,
+               interpolate: float | None = None) -> Path:
     """Export a training run as a Hub-ready folder: weights, config, model card, results.
 
     Written to a temporary folder beside ``out_dir`` and renamed into place, so ``out_dir`` is
-    either absent or complete. A non-empty ``out_dir`` is refused unless ``overwrite``.
+    either absent or complete. A non-empty ``out_dir`` is refused unless ``overwrite``. With
+    ``interpolate`` (λ), the model is θ(λ) between the run's start and ``weights``
+    (:mod:`cure_hub.interpolation`), evaluated by the run's ``cure-hub tradeoff`` curve.
     """
     import tempfile
 
@@ -389,12 +389,18 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     _check_export_target(run, out, overwrite)
     for leftover in out.parent.glob(f".{out.name}.partial-*"):  # from an export that was killed
         shutil.rmtree(leftover, ignore_errors=True)
-    model = load_robust_model(run, weights=weights)
     config = yaml.safe_load((run / "config.yaml").read_text())
-    if eval_results:
+    interpolation = None
+    if interpolate is not None:
+        if eval_results:
+            raise ExportError("--interpolate takes its evaluation from the run's tradeoff curve; leave out --eval-results")
+        model, results, interpolation = _interpolated_export(run, weights, interpolate)
+    else:
+        model = load_robust_model(run, weights=weights)
+    if interpolation is None and eval_results:
         results = _read_json(Path(eval_results))
         _check_results_are_of(results, run, weights, eval_results)
-    else:
+    elif interpolation is None:
         results = _eval_results_from_run(run, weights, config)
     results = without_local_paths(results)
     summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
@@ -407,7 +413,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         save_pretrained(model, staging)
         (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
         training = without_local_paths({"weights": weights, "config": config, "model_spec": model.spec.to_dict(), "summary": summary,
-                                        "versions": _package_versions(), "git_commit": summary.get("git_commit")})
+                                        "versions": _package_versions(), "git_commit": summary.get("git_commit"),
+                                        "interpolation": interpolation})
         (staging / "training_config.json").write_text(json.dumps(training, indent=2))
         (staging / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, config), indent=2))
         model_card(staging, repo_id, name=out.name).save(staging / "README.md")
@@ -418,6 +425,30 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _interpolated_export(run: Path, weights: str, lam: float):
+    """θ(λ) with the batch-norm statistics the curve measured it with, its results from the
+    curve, and what the card says about it."""
+    from .interpolation import TRADEOFF_FILE, curve_point, interpolated_model, recompute_batch_norm, training_batches
+
+    curve_file = run / "tradeoff" / TRADEOFF_FILE
+    curve = _read_json(curve_file) if curve_file.is_file() else None
+    point = curve_point(curve, lam) if curve and curve["weights"] == weights else None
+    if point is None:
+        raise ExportError(f"no point λ = {lam:g} towards the {weights} weights in {curve_file}: evaluate it first with "
+                          f"`cure-hub tradeoff {run} --weights {weights}` (the λ of its --points are 0, 0.1, ... 1 by default)")
+    model = interpolated_model(run, weights, lam)
+    if point["batch_norm_recomputed"]:
+        recompute_batch_norm(model, training_batches(run), curve["bn_batches"])
+    results = {"model": str(run), "weights": weights, "dataset": curve["dataset"], "split": curve["split"],
+               "split_examples": curve["split_examples"], "n_examples": curve["n_examples"], "norm": curve["norm"],
+               "epsilon": curve["epsilon"], "accuracy": point["accuracy"], "intervals": point["intervals"],
+               "nrr": {}, "eps_sweep": {}, "warnings": [], "source": "cure-hub tradeoff"}
+    interpolation = {"lambda": lam, "towards": weights, "batch_norm": curve["batch_norm"], "nrr_attack": curve["nrr_attack"],
+                     "best_lambda": curve["best_lambda"],
+                     "curve": [{"lambda": row["lambda"], "accuracy": row["accuracy"], "nrr": row["nrr"]} for row in curve["points"]]}
+    return model, results, interpolation
 
 
 def without_local_paths(value):

@@ -148,6 +148,29 @@ def plot_corruptions(results_files: list[Path], output: Path) -> Path | None:
     return output
 
 
+def plot_interpolation(curve_file: Path, output: Path) -> Path:
+    """The clean/robust curve of θ(λ) (``cure-hub tradeoff``), λ written at each point and the
+    best NRR starred."""
+    curve = json.loads(Path(curve_file).read_text())
+    robust = curve["nrr_attack"]
+    clean = [row["accuracy"]["clean"] for row in curve["points"]]
+    attacked = [row["accuracy"][robust] for row in curve["points"]]
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    axes.plot(clean, attacked, marker="o", label=f"θ(λ), start → {curve['weights']}")
+    for row, x, y in zip(curve["points"], clean, attacked):
+        axes.annotate(f"{row['lambda']:.2g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    best = next(i for i, row in enumerate(curve["points"]) if row["lambda"] == curve["best_lambda"])
+    axes.scatter([clean[best]], [attacked[best]], marker="*", s=200, color="tab:red", zorder=3,
+                 label=f"best NRR (λ = {curve['best_lambda']:.2g})")
+    axes.set(xlabel="clean accuracy", ylabel=f"{robust} accuracy", title=f"Interpolation dial ({curve['n_examples']} examples)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
 def write_plots(inputs: list[str], output_dir: str) -> list[Path]:
     """Every plot the inputs allow: results JSON files and training run folders."""
     out = Path(output_dir)

@@ -9,6 +9,7 @@ Run folder layout::
     weights/last.safetensors       the model at the end (bare backbone state dict)
     weights/best.safetensors       the model with the best PGD accuracy during training
     weights/revision.safetensors   CURE's revision model at the end
+    weights/start.safetensors      the weights the robust method started from (for cure-hub tradeoff)
     checkpoints/step_XXXXXXX/      full training state (Accelerate's save_state + ours)
     summary.json             steps, wall time, hardware, final and best evaluation
 
@@ -311,6 +312,8 @@ class Trainer:
         if self.method_started or self.state.step < self.warmup_steps:
             return
         self.method.setup(unwrap(self.model), total_steps=self.total_steps - self.warmup_steps, seed=self.config.optim.seed)
+        if self.state.step == self.warmup_steps:  # the weights the method starts from (rewritten alike on a resume here)
+            self._save_weights(unwrap(self.model), "start", {"step": self.state.step})
         if self._restored_method_state:
             self.method.load_state_dict(self._restored_method_state)
         self.method_started = True

@@ -48,7 +48,7 @@ def metrics(run_dir: Path, name="metrics.jsonl") -> list[dict]:
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
-    for name in ("last", "best", "revision"):
+    for name in ("start", "last", "best", "revision"):
         a, b = load_file(run_dir / "weights" / f"{name}.safetensors"), load_file(reference / "weights" / f"{name}.safetensors")
         assert a.keys() == b.keys()
         different = [key for key in a if not torch.equal(a[key], b[key])]
