@@ -292,14 +292,16 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         )
         for name, value in results["accuracy"].items()
     ]
-    source = spec.source
+    base_model = base_model_of(spec)
     card_data = ModelCardData(
         library_name=spec.library,
         pipeline_tag="image-classification",
         license="apache-2.0",
         tags=list(dict.fromkeys(["adversarial-robustness", "cure", method.replace("_", "-"), spec.library, "image-classification"])),
         datasets=[hub_dataset] if hub_dataset else None,
-        base_model=source if source and _looks_like_hub_id(source) and not Path(source).exists() else None,
+        base_model=base_model,
+        # The Hub lists the model under its base model as a fine-tune (its model tree).
+        base_model_relation="finetune" if base_model else None,
         model_name=name,
         eval_results=eval_results,
     )
@@ -334,7 +336,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         attack_settings=f"ε = {_epsilon_text(attack['epsilon'])}, step {_epsilon_text(attack['step_size'])}, {attack['steps']} steps",
         optimiser=f"{optim['optimizer'].upper()} (lr {optim['lr']}, {optim['lr_schedule']}, weight decay {optim['weight_decay']})",
         steps=summary.get("steps", "?"), epochs=f"{summary.get('epochs', 0):.1f}", batch_size=optim["batch_size"],
-        starting_point=f"`{source}`" if source else ("natural warm-up of " + str(optim["warmup_epochs"]) + " epochs" if optim["warmup_epochs"] else "random initialisation"),
+        starting_point=f"`{spec.source}`" if spec.source else ("natural warm-up of " + str(optim["warmup_epochs"]) + " epochs" if optim["warmup_epochs"] else "random initialisation"),
         hardware=summary.get("hardware", "unknown"),
         train_time=f"{summary.get('train_seconds', 0) / 60:.1f} minutes",
         library_name=spec.library,
@@ -350,6 +352,12 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         corruption_mean=results.get("corruption_mean"),
         robustbench_path=robustbench_path(results, name.split("/")[-1]),
     )
+
+
+def base_model_of(spec: ModelSpec) -> str | None:
+    """The Hub repository the model was fine-tuned from, if it came from one."""
+    source = spec.source
+    return source if source and _looks_like_hub_id(source) and not Path(source).exists() else None
 
 
 def _card_template() -> Path:
@@ -414,6 +422,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
         training = without_local_paths({"weights": weights, "config": config, "model_spec": model.spec.to_dict(), "summary": summary,
                                         "versions": _package_versions(), "git_commit": summary.get("git_commit"),
+                                        "base_model": base_model_of(model.spec),
                                         "interpolation": interpolation})
         (staging / "training_config.json").write_text(json.dumps(training, indent=2))
         (staging / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, config), indent=2))

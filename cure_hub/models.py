@@ -27,6 +27,8 @@ from .config import InputError
 logger = logging.getLogger(__name__)
 
 #: Short names users type, mapped onto timm architectures.
+#: How timm names a timm-layout Hub repository: ``hf-hub:owner/name``.
+TIMM_HUB_PREFIX = "hf-hub:"
 MODEL_ALIASES = {
     "vit_tiny": "vit_tiny_patch16_224",
     "vit_small": "vit_small_patch16_224",
@@ -224,7 +226,7 @@ def create_model(
     """
     if (path := Path(name)).exists():
         model = _create_from_path(path, num_classes, image_size, pretrained, **kwargs)
-    elif name in MODEL_ALIASES or timm.is_model(name):
+    elif name in MODEL_ALIASES or timm.is_model(name) or name.startswith(TIMM_HUB_PREFIX):
         model = _create_timm(MODEL_ALIASES.get(name, name), num_classes, image_size, pretrained, **kwargs)
     elif name in _transformers_model_types():
         model = _create_transformers_from_config(_transformers_config(name, num_classes, image_size, kwargs), image_size=image_size)
@@ -253,6 +255,44 @@ def create_model(
     return model
 
 
+def pretrained_input_size(name: str) -> int | None:
+    """The image size a pretrained checkpoint was trained at: from timm's pretrained config (an
+    architecture, an alias, an ``hf-hub:`` repository) or a transformers checkpoint's config or
+    image processor (a Hub id or folder); ``None`` when it does not say."""
+    name = MODEL_ALIASES.get(name, name)
+    if name.startswith(TIMM_HUB_PREFIX):
+        from timm.models import load_model_config_from_hf
+
+        return load_model_config_from_hf(name.removeprefix(TIMM_HUB_PREFIX))[0]["input_size"][-1]
+    if timm.is_model(name):
+        cfg = timm.models.get_pretrained_cfg(name)
+        return cfg.input_size[-1] if cfg else None
+    if name in _transformers_model_types():
+        return None
+    from transformers import AutoConfig, AutoImageProcessor
+
+    size = getattr(AutoConfig.from_pretrained(name), "image_size", None)
+    if size is None:
+        try:
+            processor_size = AutoImageProcessor.from_pretrained(name).size
+        except (OSError, ValueError):
+            return None
+        size = processor_size.get("height") or processor_size.get("shortest_edge")
+    return size if isinstance(size, int) else size[-1]
+
+
+def loads_pretrained_weights(name: str, pretrained: bool) -> bool:
+    """Whether ``create_model(name, pretrained=pretrained)`` starts from trained weights: with
+    ``pretrained``, or from a transformers checkpoint (a Hub id or a folder with weights)."""
+    if pretrained:
+        return True
+    path = Path(name)
+    if path.exists():
+        return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+    return not (name in MODEL_ALIASES or timm.is_model(name) or name.startswith(TIMM_HUB_PREFIX)
+                or name in _transformers_model_types()) and "/" in name
+
+
 def choose_patch_size(image_size: int, default_patch: int) -> int:
     """The largest patch no bigger than ``default_patch`` that tiles ``image_size`` into a grid of
     at least :data:`MIN_PATCH_GRID` patches per side (32x32 images: patch 4, an 8x8 grid)."""
@@ -263,8 +303,17 @@ def choose_patch_size(image_size: int, default_patch: int) -> int:
 
 
 def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs) -> RobustClassifier:
-    pretrained_cfg = timm.models.get_pretrained_cfg(arch)
-    default_size = pretrained_cfg.input_size[-1] if pretrained_cfg else 224
+    """A timm architecture, or a timm-layout Hub repository (``hf-hub:owner/name``: its architecture
+    and arguments, with its weights when ``pretrained``)."""
+    hub_args = {}
+    if arch.startswith(TIMM_HUB_PREFIX):
+        from timm.models import load_model_config_from_hf
+
+        cfg, base_arch, hub_args = load_model_config_from_hf(arch.removeprefix(TIMM_HUB_PREFIX))
+        default_size = cfg["input_size"][-1]
+    else:
+        pretrained_cfg, base_arch = timm.models.get_pretrained_cfg(arch), arch
+        default_size = pretrained_cfg.input_size[-1] if pretrained_cfg else 224
     model_args = dict(kwargs)
     if num_classes is not None:
         model_args["num_classes"] = num_classes
@@ -288,13 +337,14 @@ def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs)
     cfg = backbone.pretrained_cfg
     spec = ModelSpec(
         library="timm",
-        architecture=arch,
+        architecture=base_arch,
         num_classes=backbone.num_classes,
         image_size=image_size or default_size,
         mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
         std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
-        model_args={k: v for k, v in model_args.items() if k != "num_classes"},
-        source=cfg.get("hf_hub_id") if pretrained else None,
+        # The Hub repository's arguments too: the run rebuilds the network without the Hub.
+        model_args={k: v for k, v in {**(hub_args or {}), **model_args}.items() if k != "num_classes"},
+        source=(arch.removeprefix(TIMM_HUB_PREFIX) if arch.startswith(TIMM_HUB_PREFIX) else cfg.get("hf_hub_id")) if pretrained else None,
     )
     return RobustClassifier(backbone, spec)
 

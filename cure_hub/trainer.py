@@ -51,7 +51,14 @@ from .data import collate, load_data, random_crop_flip
 from .methods import Method, build_method
 from .methods.base import unwrap
 from .methods.cure import masked_parameter_names
-from .models import CheckpointMismatchError, RobustClassifier, create_model, load_weights
+from .models import (
+    CheckpointMismatchError,
+    RobustClassifier,
+    create_model,
+    load_weights,
+    loads_pretrained_weights,
+    pretrained_input_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +192,24 @@ def resolve_weights_file(location: str) -> str:
         ) from None
 
 
+#: Accelerate's engines that shard parameters or gradients over the processes, or take the
+#: optimiser step themselves.
+SHARDING_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_engine_supports(method: str, distributed_type) -> None:
+    """CURE needs every process to hold whole weight and gradient tensors between backward and the
+    optimiser step (DDP): its masks are percentiles over whole tensors, and its revision model is
+    a copy of whole weights. Under FSDP, DeepSpeed or Megatron-LM a process holds shards, so the
+    masks would silently differ from the method's: refuse, rather than train something else."""
+    if method == "cure" and distributed_type.name in SHARDING_ENGINES:
+        raise InputError(
+            f"CURE needs data-parallel training (DDP): under {distributed_type.name} each process holds shards of the "
+            "weights and gradients, and CURE's masks are percentiles over whole tensors. Launch without "
+            "FSDP/DeepSpeed (accelerate config: distributed type MULTI_GPU), or train another --method"
+        )
+
+
 class Trainer:
     """Trains ``config.model`` on ``config.data`` with ``config.method`` under Accelerate."""
 
@@ -205,12 +230,14 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------
     def _prepare(self):
+        self._resolve_image_size()
         config, accelerator = self.config, self.accelerator
         self._check_output_dir()
         if config.run.push_to_hub and accelerator.is_main_process:  # before hours of training, not after
             from .hub import check_push_access
 
             check_push_access(config.run.hub_model_id)
+        check_engine_supports(config.method.method, accelerator.distributed_type)
         set_seed(config.optim.seed)
         # Before the data: a missing starting point is found in a second, not after a download.
         init_weights = resolve_weights_file(config.model.init_from) if config.model.init_from else None
@@ -301,6 +328,18 @@ class Trainer:
                 path = self.output_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
+
+    def _resolve_image_size(self) -> None:
+        """A pretrained model is fine-tuned at the size it was pretrained at, unless --image-size
+        says otherwise: the images are resized to it (CIFAR's 32 px to a ViT's 224)."""
+        config = self.config
+        if config.data.image_size is not None or not loads_pretrained_weights(config.model.model, config.model.pretrained):
+            return
+        native = pretrained_input_size(config.model.model)
+        if native:
+            logger.info("%s was pretrained on %d px images: the images are resized to %d px (--image-size to choose)",
+                        config.model.model, native, native)
+            self.config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=native))
 
     def _optimizer(self, model):
         optim = self.config.optim

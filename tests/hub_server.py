@@ -310,3 +310,31 @@ def hub_env(hub, home, token="hf_write", **extra) -> dict:
     if token:
         env["HF_TOKEN"] = token
     return env
+
+
+#: Run in a process with the ``hub_env`` of a loopback Hub: ``python -c LOAD_SCRIPT REPO LIBRARY OUT``
+#: loads REPO through cure_hub, timm's ``hf-hub:`` (timm layout) and transformers' Auto classes,
+#: on ``OUT/input.pt``, and saves every library's logits to ``OUT/logits.pt`` and the card to OUT.
+LOAD_SCRIPT = """
+import json, sys, torch
+import cure_hub, timm
+from huggingface_hub import ModelCard, hf_hub_download
+from transformers import AutoModelForImageClassification
+repo, library, out = sys.argv[1], sys.argv[2], sys.argv[3]
+x = torch.load(out + "/input.pt")
+results = {"cure_hub": cure_hub.load_robust_model(repo).eval()(x)}
+config = json.load(open(hf_hub_download(repo, "config.json")))
+if library == "timm":
+    model = timm.create_model("hf-hub:" + repo, pretrained=True).eval()
+    cfg = model.pretrained_cfg
+    normalised = (x - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    results["timm"] = model(normalised)
+else:
+    processor = json.load(open(hf_hub_download(repo, "preprocessor_config.json")))
+    normalised = (x - torch.tensor(processor["image_mean"]).view(1, -1, 1, 1)) / torch.tensor(processor["image_std"]).view(1, -1, 1, 1)
+hf = AutoModelForImageClassification.from_pretrained(repo).eval()
+results["transformers"] = hf(pixel_values=normalised).logits
+results["transformers_labels"] = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
+torch.save(results, out + "/logits.pt")
+open(out + "/README.md", "w").write(open(hf_hub_download(repo, "README.md")).read())
+"""

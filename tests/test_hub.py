@@ -14,7 +14,7 @@ from cure_hub.evaluation import wilson_interval
 from cure_hub.hub import ExportError, export_run, load_robust_model
 from cure_hub.models import RobustClassifier
 from cure_hub.trainer import Trainer
-from hub_server import LoopbackHub, hub_env
+from hub_server import LOAD_SCRIPT, LoopbackHub, hub_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -25,30 +25,6 @@ MODELS = {
     "transformers-vit": {"model": "vit", "model_kwargs": {"hidden_size": 16, "num_hidden_layers": 1,
                                                           "num_attention_heads": 2, "intermediate_size": 32}},
 }
-
-LOAD_SCRIPT = """
-import json, sys, torch
-import cure_hub, timm
-from huggingface_hub import ModelCard, hf_hub_download
-from transformers import AutoModelForImageClassification
-repo, library, out = sys.argv[1], sys.argv[2], sys.argv[3]
-x = torch.load(out + "/input.pt")
-results = {"cure_hub": cure_hub.load_robust_model(repo).eval()(x)}
-config = json.load(open(hf_hub_download(repo, "config.json")))
-if library == "timm":
-    model = timm.create_model("hf-hub:" + repo, pretrained=True).eval()
-    cfg = model.pretrained_cfg
-    normalised = (x - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
-    results["timm"] = model(normalised)
-else:
-    processor = json.load(open(hf_hub_download(repo, "preprocessor_config.json")))
-    normalised = (x - torch.tensor(processor["image_mean"]).view(1, -1, 1, 1)) / torch.tensor(processor["image_std"]).view(1, -1, 1, 1)
-hf = AutoModelForImageClassification.from_pretrained(repo).eval()
-results["transformers"] = hf(pixel_values=normalised).logits
-results["transformers_labels"] = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
-torch.save(results, out + "/logits.pt")
-open(out + "/README.md", "w").write(open(hf_hub_download(repo, "README.md")).read())
-"""
 
 
 @pytest.fixture(scope="module")
