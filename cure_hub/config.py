@@ -21,6 +21,11 @@ WEIGHT_CHOICES = {
 }
 
 
+AUGMENTATIONS = ("auto", "cifar", "imagenet", "none")
+#: Values that recipes and run folders of earlier versions hold, and what they mean now.
+LEGACY_VALUES = {("data", "augment"): {True: "auto", False: "none"}}
+
+
 class InputError(ValueError):
     """Bad input from the user (a flag, a recipe value, a dataset, a file): the command line
     reports it in one line, with exit status 2, and no traceback."""
@@ -117,11 +122,15 @@ class DataConfig:
         default=None, metadata={"help": "Evaluate during training on a class-balanced subset of this many examples."}
     )
     subset_seed: int = dataclasses.field(default=0, metadata={"help": "Seed that draws the subsets."})
-    augment: bool = dataclasses.field(
-        default=True, metadata={"help": "Random crop (4-pixel padding) and horizontal flip of training images."}
+    augment: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "Training augmentation, on the device: 'cifar' (4-pixel padded random crop, flip), 'imagenet' "
+                          "(random resized crop, flip), 'none', or 'auto' (cifar up to 64 px, imagenet above).",
+                  "choices": AUGMENTATIONS},
     )
 
     def __post_init__(self):
+        _check_choices(self)
         for name in ("image_size", "train_subset", "eval_subset"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"{name} must be positive, got {value}")
@@ -376,6 +385,7 @@ class TrainConfig:
             known = {f.name for f in dataclasses.fields(section_type)}
             extra = set(values) - known
             _check(not extra, f"unknown key(s) {sorted(extra)} in section '{name}'; its keys are {sorted(known)}")
+            values = {key: LEGACY_VALUES.get((name, key), {}).get(v, v) if isinstance(v, bool) else v for key, v in values.items()}
             built[name] = section_type(**{key: _coerce(f"{name}.{key}", hints[key], v) for key, v in values.items()})
         return cls(**built)
 

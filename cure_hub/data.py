@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
@@ -333,6 +334,54 @@ def collate(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.stack([e["image"] for e in examples]).float().div_(255.0)
     labels = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
     return images, labels
+
+
+def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator, scale=(0.08, 1.0),
+                             ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+    """The usual ImageNet training augmentation, batched on ``images``' device: per image, a crop
+    covering a fraction ``scale`` of its area with aspect ratio in ``ratio`` (log-uniform), drawn as
+    torchvision's RandomResizedCrop draws it (``attempts`` tries, else the whole image), resized
+    back to the image's size (bilinear), then flipped with probability 1/2. Every draw comes from
+    ``generator``, so a resumed run repeats it."""
+    n, _, h, w = images.shape
+    device = images.device
+
+    def uniform(low, high, *shape):
+        return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+    area = uniform(scale[0], scale[1], n, attempts)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1]), n, attempts))
+    crop_w, crop_h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)  # fractions of the width and height
+    fits = (crop_w <= 1) & (crop_h <= 1)
+    first = torch.where(fits.any(1), fits.float().argmax(1), 0)
+    pick = torch.arange(n, device=device)
+    whole = ~fits.any(1)
+    crop_w = torch.where(whole, 1.0, crop_w[pick, first])
+    crop_h = torch.where(whole, 1.0, crop_h[pick, first])
+    centre_x = uniform(0, 1, n) * (1 - crop_w) + crop_w / 2
+    centre_y = uniform(0, 1, n) * (1 - crop_h) + crop_h / 2
+    flip = torch.where(uniform(0, 1, n) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=device)  # output grid [-1, 1] -> the crop in the input
+    theta[:, 0, 0], theta[:, 0, 2] = crop_w * flip, 2 * centre_x - 1
+    theta[:, 1, 1], theta[:, 1, 2] = crop_h, 2 * centre_y - 1
+    grid = F.affine_grid(theta.to(images.dtype), [n, images.shape[1], h, w], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+
+def augmentation_for(policy: str, image_size: int) -> str:
+    """The augmentation ``--augment auto`` means at this image size: CIFAR's for small images, the
+    ImageNet one for large (a pretrained ViT's 224 px)."""
+    return ("cifar" if image_size <= 64 else "imagenet") if policy == "auto" else policy
+
+
+def augment(images: torch.Tensor, augmentation: str, generator: torch.Generator) -> torch.Tensor:
+    """``images`` augmented by ``augmentation`` (``cifar``, ``imagenet`` or ``none``), drawing from
+    ``generator``."""
+    if augmentation == "cifar":
+        return random_crop_flip(images, generator)
+    if augmentation == "imagenet":
+        return random_resized_crop_flip(images, generator)
+    return images
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:

@@ -47,7 +47,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .attacks import eval_mode, pgd_attack
 from .config import AttackConfig, InputError, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
-from .data import collate, load_data, random_crop_flip
+from .data import augment, augmentation_for, collate, load_data
 from .methods import Method, build_method
 from .methods.base import unwrap
 from .methods.cure import masked_parameter_names
@@ -250,6 +250,7 @@ class Trainer:
                 "CURE from random weights: the method assumes a naturally trained start. Pass "
                 "--init-from (a natural model), --pretrained, or --warmup-epochs N (CURE-Eff)."
             )
+        self.augmentation = augmentation_for(config.data.augment, data.image_size)
         self.sampler = EpochShuffleSampler(len(data.train), config.optim.seed)
         # The loader's own generator keeps its per-iterator seed draw off the global RNG, so a run
         # resumed mid-epoch draws the same attack and dropout noise as an uninterrupted one.
@@ -512,8 +513,7 @@ class Trainer:
                     for images, labels in loader:
                         self._start_method_if_due()
                         method = self.active_method
-                        if config.data.augment:
-                            images = random_crop_flip(images, self.augment_generator)
+                        images = augment(images, self.augmentation, self.augment_generator)
                         with accelerator.accumulate(self.model), accelerator.autocast():
                             output = method.compute_loss(self.model, images, labels)
                             accelerator.backward(output.loss)

@@ -25,7 +25,7 @@ def natural_run(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("natural") / "run"
     config = TrainConfig.from_dict({
         "model": {"model": "cifar_resnet18", "model_kwargs": {"width": 8}},
-        "data": {"dataset": "digits", "augment": False, "eval_subset": 50},
+        "data": {"dataset": "digits", "augment": "none", "eval_subset": 50},
         "method": {"method": "standard"},
         "optim": {"epochs": 3, "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine"},
         "run": {"output_dir": str(output), "eval_attack_steps": 0},

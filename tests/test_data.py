@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cure_hub.config import DataConfig
+from cure_hub.config import DataConfig, TrainConfig
 from cure_hub.data import (
     ColumnDetectionError,
     balanced_subset_indices,
@@ -18,7 +18,9 @@ from cure_hub.data import (
     detect_columns,
     load_data,
     load_eval_split,
+    augmentation_for,
     random_crop_flip,
+    random_resized_crop_flip,
 )
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -139,6 +141,29 @@ def test_random_crop_flip_is_a_padded_crop_or_its_mirror_and_reproducible():
         assert plain or mirrored
         flips += mirrored and not plain
     assert 0 < flips < 16
+
+
+def test_random_resized_crop_flip_crops_resizes_and_flips_reproducibly():
+    ramp = ((torch.arange(32) + 0.5) / 32).expand(8, 3, 32, 32).contiguous()  # value = x position
+    whole = random_resized_crop_flip(ramp, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
+    for image in whole:  # the whole image, as it was or mirrored
+        assert torch.allclose(image, ramp[0], atol=1e-6) or torch.allclose(image, ramp[0].flip(-1), atol=1e-6)
+    assert 0 < sum(bool(image[0, 0, 0] > image[0, 0, -1]) for image in whole) < 8
+    quarter = random_resized_crop_flip(ramp, torch.Generator().manual_seed(1), scale=(0.25, 0.25), ratio=(1, 1))
+    spans = (quarter[:, 0, 0].amax(1) - quarter[:, 0, 0].amin(1))
+    assert torch.allclose(spans, torch.full((8,), 0.5 - 1 / 32), atol=1 / 32)  # half the width, resized to 32 px
+    images = torch.rand(16, 3, 24, 24)
+    out = random_resized_crop_flip(images, torch.Generator().manual_seed(3))
+    assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out, random_resized_crop_flip(images, torch.Generator().manual_seed(3)))
+    assert not torch.equal(out, random_resized_crop_flip(images, torch.Generator().manual_seed(4)))
+    assert augmentation_for("auto", 32) == "cifar" and augmentation_for("auto", 224) == "imagenet"
+    assert augmentation_for("none", 224) == "none"
+
+
+def test_recipes_of_earlier_versions_keep_their_augmentation():
+    assert TrainConfig.from_dict({"data": {"augment": False}}).data.augment == "none"
+    assert TrainConfig.from_dict({"data": {"augment": True}}).data.augment == "auto"
 
 
 def test_eval_split_fraction_holds_out_a_stratified_part_of_a_lone_train_split(tmp_path):

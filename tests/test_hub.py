@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
         output = tmp_path_factory.mktemp(name) / "run"
         config = TrainConfig.from_dict({
             "model": model,
-            "data": {"dataset": "digits", "augment": False, "eval_subset": 20},
+            "data": {"dataset": "digits", "augment": "none", "eval_subset": 20},
             "method": {"method": "cure"},
             "attack": {"steps": 2},
             "optim": {"max_steps": 3, "batch_size": 16, "lr": 0.05},
@@ -257,7 +257,7 @@ def test_exports_name_their_results_weights_and_no_local_path(runs, tmp_path, ca
     run = tmp_path / "run"
     config = TrainConfig.from_dict({
         "model": {**MODELS["cifar"], "init_from": str(runs["cifar"].resolve())},
-        "data": {"dataset": "digits", "augment": False, "eval_subset": 20},
+        "data": {"dataset": "digits", "augment": "none", "eval_subset": 20},
         "attack": {"steps": 1}, "optim": {"max_steps": 2, "batch_size": 16},
         "run": {"output_dir": str(run.resolve()), "eval_attack_steps": 1},
     })

@@ -42,7 +42,7 @@ def one_line_error(argv, capsys, command="train") -> str:
 
 
 @pytest.mark.parametrize("recipe,message", [
-    ("data:\n  augment: \"no\"\n", "data.augment must be true or false, got 'no'"),
+    ("data:\n  augment: \"no\"\n", "augment must be one of ('auto', 'cifar', 'imagenet', 'none'), got 'no'"),
     ("optim:\n  batch_size: 3.5\n", "optim.batch_size must be an integer, got 3.5"),
     ("optim:\n  lr: fast\n", "optim.lr must be a number or a fraction like 8/255, got 'fast'"),
     ("optim:\n  lr_milestones: 0.5\n", "optim.lr_milestones must be a list, got 0.5"),

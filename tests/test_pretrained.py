@@ -25,7 +25,7 @@ TRAIN = ["--dataset", "digits", "--train-subset", "48", "--eval-subset", "16", "
          "--steps", "1", "--eval-attack-steps", "1", "--method", "cure", "--pretrained"]
 RUNS = {  # name: model, extra flags, the head's parameter names, tensors resampled for another size
     "vit": ("hf-hub:tester/tiny-vit", [], ("head.",), ()),
-    "vit-64px": ("hf-hub:tester/tiny-vit", ["--image-size", "64"], ("head.",), ("pos_embed",)),
+    "vit-64px": ("hf-hub:tester/tiny-vit", ["--image-size", "64", "--augment", "imagenet"], ("head.",), ("pos_embed",)),
     "convnext": ("hf-hub:tester/tiny-convnext", [], ("head.fc.",), ()),
     "hf-vit": ("tester/tiny-hf-vit", [], ("classifier.",), ()),
 }
