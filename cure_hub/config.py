@@ -334,6 +334,15 @@ class RunConfig:
         metadata={"help": "On a CPU (Linux, glibc): keep freed memory in the process rather than fault it in again every "
                           "step (3-8 % of a CURE step); the process then holds its peak memory."},
     )
+    overfitting_margin: float = dataclasses.field(
+        default=0.02, metadata={"help": "Robust-overfitting alarm: how far below its best the PGD accuracy must fall."})
+    overfitting_patience: int = dataclasses.field(
+        default=2, metadata={"help": "Robust-overfitting alarm: for how many evaluations in a row."})
+    stop_on_robust_overfitting: bool = dataclasses.field(
+        default=False, metadata={"help": "End the run when the robust-overfitting alarm fires (the export follows as usual)."})
+    export_weights: str = dataclasses.field(
+        default="last", metadata={"help": "The weights of the export at the end: last, or best (the best PGD accuracy).",
+                                  "choices": ("last", "best")})
     push_to_hub: bool = dataclasses.field(default=False, metadata={"help": "Push the exported model to the Hub at the end."})
     hub_model_id: str | None = dataclasses.field(default=None, metadata={"help": "Hub repository id to push to."})
 
@@ -343,6 +352,9 @@ class RunConfig:
         _check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "checkpoint_every_steps must be >= 1")
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}")
+        _check(0 <= self.overfitting_margin < 1, f"overfitting_margin must be in [0, 1), got {self.overfitting_margin}")
+        _check(self.overfitting_patience >= 1, f"overfitting_patience must be >= 1, got {self.overfitting_patience}")
+        _check_choices(self)
         _check(not self.push_to_hub or self.hub_model_id, "push_to_hub needs hub_model_id")
         if self.hub_model_id is not None:
             from huggingface_hub.errors import HFValidationError

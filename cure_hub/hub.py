@@ -347,11 +347,21 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         split_examples=results.get("split_examples"),
         warnings=results.get("warnings", []),
         interpolation=training.get("interpolation"),
+        alarms=summary.get("alarms", []),
+        stopped_by_alarm=summary.get("stopped_by_alarm", False),
+        best_vs_last=_best_and_last_pgd(summary),
         corruptions=results.get("corruptions", {}),
         corruption_intervals=results.get("corruption_intervals", {}),
         corruption_mean=results.get("corruption_mean"),
         robustbench_path=robustbench_path(results, name.split("/")[-1]),
     )
+
+
+def _best_and_last_pgd(summary: dict) -> tuple[float, float] | None:
+    """The best and the final PGD accuracy of the evaluations during training, when recorded."""
+    last = next((v for k, v in summary.get("final_eval", {}).items() if k.startswith("eval/pgd")), None)
+    best = summary.get("best_pgd_accuracy", -1)
+    return (best, last) if last is not None and best >= 0 else None
 
 
 def base_model_of(spec: ModelSpec) -> str | None:

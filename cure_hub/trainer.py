@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .alarms import ROBUST_OVERFITTING, gradient_masking, large_epsilon_accuracy, robust_overfitting
 from .attacks import eval_mode, pgd_attack
 from .config import AttackConfig, InputError, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
 from .data import augment, augmentation_for, collate, load_data
@@ -122,6 +123,11 @@ class TrainingState:
     train_seconds: float = 0.0
     #: The processes that wrote the checkpoint: each restores its own state, and the data is sharded by their number.
     num_processes: int = 1
+    #: PGD accuracy of every evaluation so far (the robust-overfitting alarm reads it).
+    robust_history: list = dataclasses.field(default_factory=list)
+    #: Every training-health alarm raised so far (cure_hub.alarms), and whether one ended the run.
+    alarms: list = dataclasses.field(default_factory=list)
+    stopped_by_alarm: bool = False
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -227,6 +233,7 @@ class Trainer:
             logging.getLogger("cure_hub").setLevel(logging.ERROR)
         self._stop_signal: int | None = None
         self._checkpointed_at: tuple | None = None
+        self._alarm_names: list[str] = []  # of the last evaluation, for the progress bar
 
     # ---- setup ------------------------------------------------------------------------------
     def _prepare(self):
@@ -499,7 +506,7 @@ class Trainer:
             try:
                 if self._epoch_end_evaluation_due():  # stopped between an epoch's checkpoint and its evaluation
                     self._evaluate_and_keep_best()
-                while state.step < self.total_steps and self._stop_signal is None:
+                while state.step < self.total_steps and self._stop_signal is None and not state.stopped_by_alarm:
                     loader = self.train_loader
                     if state.batches_done_in_epoch:
                         loader = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
@@ -613,7 +620,8 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
             if progress is not None:
                 short = {k.split("/")[-1]: f"{v:.3g}" for k, v in values.items() if k.split("/")[-1] in ("loss", "clean_acc", "adv_acc")}
-                progress.set_postfix(**short, img_s=f"{images_per_second:.0f}")
+                alarm = {"alarm": ",".join(self._alarm_names)} if self._alarm_names else {}
+                progress.set_postfix(**short, img_s=f"{images_per_second:.0f}", **alarm)
         self.accelerator.log(record, step=self.state.step)
 
     def _logs_at(self, step: int) -> bool:
@@ -628,13 +636,37 @@ class Trainer:
     def _evaluate_and_keep_best(self) -> dict:
         results = self.evaluate()
         robust = next(v for k, v in results.items() if k.startswith("eval/pgd"))
-        self.state.evaluated_at_step = self.state.step
-        self._log(results)
-        if robust > self.state.best_pgd_accuracy:
-            self.state.best_pgd_accuracy = robust
-            self._save_weights(unwrap(self.model), "best", {**results, "step": self.state.step})
-        logger.info("step %d: %s", self.state.step, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        state = self.state
+        state.evaluated_at_step = state.step
+        fired = self._health_alarms(results["eval/clean_acc"], robust) if self.config.run.eval_attack_steps else []
+        self._log({**results, **({"health/alarms": "; ".join(fired)} if fired else {})})
+        if robust > state.best_pgd_accuracy:
+            state.best_pgd_accuracy = robust
+            self._save_weights(unwrap(self.model), "best", {**results, "step": state.step})
+        logger.info("step %d: %s", state.step, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         return results
+
+    def _health_alarms(self, clean: float, robust: float) -> list[str]:
+        """The alarms of this evaluation (cure_hub.alarms): logged, kept in the state for the
+        summary and the card, shown in the progress bar, and, for robust overfitting with
+        --stop-on-robust-overfitting, the end of the run. Every process decides alike."""
+        run, state = self.config.run, self.state
+        state.robust_history.append(robust)
+        images, labels = next(iter(self.eval_loader))
+        generator = torch.Generator(self.accelerator.device).manual_seed(self.config.optim.seed)
+        with eval_mode(unwrap(self.model)):
+            standing = large_epsilon_accuracy(unwrap(self.model), images, labels, generator)
+        large = self.accelerator.reduce(standing.float().mean(), reduction="mean").item()
+        fired = [message for message in (robust_overfitting(state.robust_history, run.overfitting_margin, run.overfitting_patience),
+                                         gradient_masking(clean, robust, large)) if message]
+        for message in fired:
+            logger.warning("step %d: %s", state.step, message)
+            if message not in state.alarms:
+                state.alarms.append(message)
+            if message.startswith(ROBUST_OVERFITTING) and run.stop_on_robust_overfitting:
+                state.stopped_by_alarm = True
+        self._alarm_names = sorted({message.split(":")[0] for message in fired})
+        return fired
 
     def _save_weights(self, model: RobustClassifier, name: str, metadata: dict | None = None):
         if not self.accelerator.is_main_process:
@@ -665,6 +697,9 @@ class Trainer:
             "method": self.config.method.method,
             "final_eval": last_eval,
             "best_pgd_accuracy": self.state.best_pgd_accuracy,
+            "alarms": self.state.alarms,
+            "stopped_by_alarm": self.state.stopped_by_alarm,
+            "export_weights": self.config.run.export_weights,
             "train_seconds": self._train_seconds(),
             "hardware": _hardware(accelerator),
             "eval_examples": self.eval_examples,
@@ -678,11 +713,12 @@ class Trainer:
         return summary
 
     def _export_and_push(self, summary: dict) -> None:
-        """The Hub-ready export of the last weights (``RUN_DIR/export``), pushed if asked."""
+        """The Hub-ready export of the ``--export-weights`` (``RUN_DIR/export``), pushed if asked."""
         from .hub import export_run, push_to_hub
 
         run = self.config.run
-        export = export_run(self.output_dir, self.output_dir / "export", weights="last", overwrite=True, repo_id=run.hub_model_id)
+        export = export_run(self.output_dir, self.output_dir / "export", weights=run.export_weights, overwrite=True,
+                            repo_id=run.hub_model_id)
         summary["export"] = str(export)
         if run.push_to_hub:
             summary["pushed"] = push_to_hub(export, run.hub_model_id)

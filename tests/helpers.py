@@ -1,6 +1,7 @@
 """Small tasks and models shared by the tests."""
 
 import torch
+from torch import nn
 
 import cure_hub
 from cure_hub.attacks import pgd_attack
@@ -64,3 +65,21 @@ def train_naturally(model, images, labels, steps: int = 60, lr: float = 0.05, ba
         loss.backward()
         optimizer.step()
     return model
+
+
+class Brightness(nn.Module):
+    """Ten classes by mean brightness, class k around (k + 0.5) / 10: a model that is correct on
+    every example below, differentiable unless it rounds its input to 8 bits first."""
+
+    def __init__(self, rounding=False, softmax=False, noise=0.0):
+        super().__init__()
+        self.rounding, self.softmax, self.noise = rounding, softmax, noise
+        self.register_buffer("centres", (torch.arange(10) + 0.5) / 10)
+
+    def forward(self, images):
+        if self.rounding:  # torch.round has a zero gradient everywhere
+            images = torch.round(images * 255) / 255
+        logits = -200 * (images.mean((1, 2, 3))[:, None] - self.centres) ** 2
+        if self.noise:
+            logits = logits + self.noise * torch.randn_like(logits)
+        return logits.softmax(1) if self.softmax else logits

@@ -1,0 +1,59 @@
+"""Training-health alarms, raised from the evaluations the trainer already runs.
+
+* **Robust overfitting** (Rice, Wong & Kolter 2020): adversarial training's robust accuracy on
+  held-out data peaks and then falls while training accuracy keeps rising. The alarm fires when the
+  PGD accuracy of the last ``patience`` evaluations after the best one all lie more than ``margin``
+  below the best; ``--stop-on-robust-overfitting`` then ends the run (the best weights are kept
+  in ``weights/best.safetensors`` either way, and ``--export-weights best`` exports them).
+* **Gradient masking** (catastrophic overfitting included): PGD accuracy above clean accuracy, or
+  PGD at ε = 64/255 leaving more than 20 % standing on the first evaluation batch, the same test
+  ``cure-hub eval`` makes on every evaluation (:mod:`cure_hub.evaluation_checks`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attacks import pgd_attack
+from .config import AttackConfig
+from .evaluation_checks import LARGE_EPSILON, LARGE_EPSILON_TOLERANCE
+
+ROBUST_OVERFITTING = "robust overfitting"
+GRADIENT_MASKING = "gradient masking"
+#: PGD steps of the large-ε probe: with steps of ε/4 it can travel 2.5 ε, whatever the
+#: evaluation's own number of steps.
+PROBE_STEPS = 10
+
+
+def robust_overfitting(history: list[float], margin: float, patience: int) -> str | None:
+    """The alarm's message when the last ``patience`` PGD accuracies of ``history`` (one per
+    evaluation, oldest first) all come after the best and lie more than ``margin`` below it."""
+    if len(history) <= patience:
+        return None
+    best = max(history)
+    best_at = history.index(best)
+    recent = history[-patience:]
+    if best_at < len(history) - patience and all(value < best - margin for value in recent):
+        return (f"{ROBUST_OVERFITTING}: PGD accuracy {recent[-1]:.4f} has stayed more than {margin:g} below its best "
+                f"{best:.4f} (evaluation {best_at + 1}) for {patience} evaluations")
+    return None
+
+
+def gradient_masking(clean: float, robust: float, large_epsilon_accuracy: float | None) -> str | None:
+    """The alarm's message when PGD cannot be trusted on this model at this point of training."""
+    if robust > clean + 1e-9:
+        return f"{GRADIENT_MASKING}: PGD accuracy {robust:.4f} is above clean accuracy {clean:.4f}"
+    if large_epsilon_accuracy is not None and large_epsilon_accuracy > LARGE_EPSILON_TOLERANCE:
+        return (f"{GRADIENT_MASKING}: PGD at eps = {LARGE_EPSILON * 255:.0f}/255 still leaves {large_epsilon_accuracy:.4f} "
+                "accuracy on an evaluation batch; gradients may be masked (catastrophic overfitting?)")
+    return None
+
+
+def large_epsilon_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per example, whether PGD at ε = 64/255 (l-inf, step ε/4) leaves it classified correctly."""
+    config = AttackConfig(epsilon=LARGE_EPSILON, step_size=LARGE_EPSILON / 4, steps=PROBE_STEPS, norm="linf",
+                          random_start="uniform")
+    adversarial = pgd_attack(model, images, labels, config, generator=generator)
+    with torch.no_grad():
+        return model(adversarial).argmax(1) == labels

@@ -1,0 +1,44 @@
+"""Training-health alarms: robust overfitting fires on a rise and fall, not on a plateau; gradient
+masking fires on a model whose input layer has no gradient; both reach the model card."""
+
+import json
+import shutil
+
+import torch
+
+from cure_hub.alarms import gradient_masking, large_epsilon_accuracy, robust_overfitting
+from cure_hub.hub import export_run
+from helpers import Brightness
+
+
+def test_robust_overfitting_fires_on_a_rise_and_fall_only():
+    fired = robust_overfitting([0.30, 0.40, 0.45, 0.41, 0.40], margin=0.02, patience=2)
+    assert fired.startswith("robust overfitting: PGD accuracy 0.4000") and "best 0.4500 (evaluation 3)" in fired
+    for calm in ([0.30, 0.40, 0.45, 0.44, 0.445],  # a plateau within the margin
+                 [0.30, 0.40, 0.45, 0.40, 0.45],  # a dip and a recovery
+                 [0.30, 0.40, 0.45, 0.40],  # one evaluation below: not yet `patience`
+                 [0.30, 0.35, 0.40, 0.45]):  # still rising
+        assert robust_overfitting(calm, margin=0.02, patience=2) is None, calm
+
+
+def test_gradient_masking_fires_on_a_model_without_input_gradients():
+    labels = torch.arange(20) % 10
+    images = ((labels + 0.5) / 10).view(-1, 1, 1, 1) + 0.02 * (torch.rand(20, 3, 8, 8, generator=torch.Generator().manual_seed(0)) - 0.5)
+    masked = large_epsilon_accuracy(Brightness(rounding=True), images, labels).float().mean().item()
+    honest = large_epsilon_accuracy(Brightness(), images, labels).float().mean().item()
+    assert masked == 1.0 and honest == 0.0
+    assert gradient_masking(1.0, 1.0, masked).startswith("gradient masking: PGD at eps = 64/255 still leaves 1.0000")
+    assert gradient_masking(1.0, 0.0, honest) is None
+    assert "above clean accuracy" in gradient_masking(0.5, 0.6, 0.0)
+
+
+def test_alarms_and_the_best_last_gap_reach_the_card(natural_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(natural_run, run, ignore=shutil.ignore_patterns("checkpoints", "export"))
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(alarms=["robust overfitting: PGD accuracy 0.4000 has stayed more than 0.02 below its best 0.4500"],
+                   stopped_by_alarm=True, best_pgd_accuracy=0.45, final_eval={"eval/clean_acc": 0.8, "eval/pgd20_acc": 0.4})
+    (run / "summary.json").write_text(json.dumps(summary))
+    card = (export_run(run, tmp_path / "export") / "README.md").read_text()
+    assert "best 45.00 %, last 40.00 % (this model holds the last weights)" in card
+    assert "Training-health alarms (the run was stopped by one):\n  - robust overfitting: PGD accuracy 0.4000" in card
