@@ -12,6 +12,7 @@ into the parts CURE adds to TRADES (the labels in cure_hub/methods/cure.py).
     python benchmarks/step_cost.py --quick
     python benchmarks/step_cost.py --width 64 --batch-size 128 --repeats 7 --breakdown
     python benchmarks/step_cost.py --model vit_small --batch-size 128 --breakdown
+    python benchmarks/step_cost.py --width 64 --batch-size 128 --mask-interval 4   # + amortised masks
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from cure_hub.methods import build_method
 from cure_hub.trainer import keep_freed_heap_memory
 
 
-def build(args, method_name: str):
+def build(args, method_name: str, mask_interval: int = 1):
     torch.manual_seed(0)
     kwargs = {"width": args.width} if args.model.startswith("cifar_resnet") else {}
     model = cure_hub.create_model(args.model, num_classes=10, image_size=args.image_size, **kwargs).to(args.device)
-    method = build_method(MethodConfig(method=method_name), AttackConfig(steps=args.attack_steps))
+    extra = {"mask_interval": mask_interval} if method_name == "cure" else {}
+    method = build_method(MethodConfig(method=method_name, **extra), AttackConfig(steps=args.attack_steps))
     method.setup(model, total_steps=1000)
     method.record_statistics = False  # as on the steps the trainer does not log
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -123,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="Width 16, 3 repeats: under a minute on 2 cores.")
     parser.add_argument("--breakdown", action="store_true", help="Also split one CURE step into its parts.")
+    parser.add_argument("--mask-interval", type=int, default=0,
+                        help="Also time CURE with masks every K steps (amortised: each round times K steps).")
     parser.add_argument("--default-allocator", action="store_true", help="Leave glibc's heap trimming on (the trainer turns it off on a CPU).")
     parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args(argv)
@@ -137,15 +141,21 @@ def main(argv=None) -> int:
         keep_freed_heap_memory()
     images, labels = batch(args)
     setups = {name: build(args, name) for name in methods}
+    steps_per_round = dict.fromkeys(methods, 1)
+    if args.mask_interval > 1:
+        name = f"cure-k{args.mask_interval}"
+        methods.append(name)
+        setups[name], steps_per_round[name] = build(args, "cure", args.mask_interval), args.mask_interval
     times = {name: [] for name in methods}
     for repeat in range(args.repeats + 1):  # the first round is the warm-up
         for name, (model, method, optimizer) in setups.items():
             synchronise(args.device)
             start = time.perf_counter()
-            train_step(model, method, optimizer, images, labels, repeat)
+            for step in range(repeat * steps_per_round[name], (repeat + 1) * steps_per_round[name]):
+                train_step(model, method, optimizer, images, labels, step)
             synchronise(args.device)
-            if repeat:
-                times[name].append(time.perf_counter() - start)
+            if repeat:  # per step: a round of cure-kK holds one mask step and K - 1 without
+                times[name].append((time.perf_counter() - start) / steps_per_round[name])
 
     width = f" width {args.width}" if args.model.startswith("cifar_resnet") else ""
     print(f"# {args.model}{width} at {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.attack_steps} attack steps, "
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
     for name in methods:
         seconds = statistics.median(times[name])
         ratio = statistics.median(t / r for t, r in zip(times[name], times["trades"]))
-        memory = measure_memory(args, setups[name], args.repeats + 1)
+        memory = measure_memory(args, setups[name], (args.repeats + 1) * steps_per_round[name])  # a mask step of cure-kK
         results[name] = {"seconds_per_step": seconds, "peak_memory_mib": memory, "relative_to_trades": ratio}
         memory_text = "" if memory is None else f"  peak memory +{memory:7.1f} MiB"
         print(f"{name:10s} {seconds:8.3f} s/step{memory_text}  {ratio:.2f}x")

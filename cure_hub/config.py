@@ -222,11 +222,17 @@ class MethodConfig:
     rgp_signed: bool = dataclasses.field(
         default=False, metadata={"help": "Use signed gradients in RGP instead of magnitudes (official code)."}
     )
+    mask_interval: int = dataclasses.field(
+        default=1,
+        metadata={"help": "Recompute RGP and the masks every k optimiser steps, reusing the last masks in between "
+                          "(1: every step, as the paper; k > 1 is a deviation that saves the RGP gradients' cost)."},
+    )
     use_rgp: bool = dataclasses.field(default=True, metadata={"help": "CURE ablation: mask gradients by RGP."})
     use_revision: bool = dataclasses.field(default=True, metadata={"help": "CURE ablation: keep the revision model and its consistency loss."})
 
     def __post_init__(self):
         _check_choices(self)
+        _check(self.mask_interval >= 1, f"mask_interval must be >= 1, got {self.mask_interval}")
         if self.beta is None:
             self.beta = DEFAULT_BETA.get(self.method, 0.0)
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")

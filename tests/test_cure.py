@@ -322,6 +322,45 @@ def test_state_dict_round_trip_restores_revision_and_its_draws():
     assert torch.equal(torch.rand(5, generator=other.revision_generator), torch.rand(5, generator=method.revision_generator))
 
 
+def test_mask_interval_reuses_the_last_masks_and_a_resumed_run_applies_them():
+    images, labels = robust_vs_fragile_task(16)
+
+    def start(state=None):
+        model = tiny_model()
+        method = build_method(MethodConfig(method="cure", mask_interval=4, revision_rate=0.5), AttackConfig(steps=1))
+        method.setup(model, total_steps=12, seed=3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        method.generator = torch.Generator()  # the attack's draws, saved and restored as the trainer does
+        if state:
+            model.load_state_dict(state[0]), method.load_state_dict(state[1]), optimizer.load_state_dict(state[2])
+            method.generator.set_state(state[3])
+        return model, method, optimizer
+
+    model, method, optimizer = start()
+    masks, computed, saved = [], [], None
+    for step in range(9):
+        if step == 6:  # mid-interval: the masks of step 4 are in use
+            saved = copy.deepcopy((model.state_dict(), method.state_dict(), optimizer.state_dict(), method.generator.get_state()))
+        output = method.compute_loss(model, images, labels)
+        computed.append(method._rgp_grads is not None)  # the RGP gradients are taken on mask steps only
+        optimizer.zero_grad()
+        output.loss.backward()
+        method.before_optimizer_step(model)
+        optimizer.step()
+        method.after_optimizer_step(model, step)
+        masks.append([mask.clone() for mask in method._masks])
+    assert computed == [step % 4 == 0 for step in range(9)]
+    for step in range(9):
+        assert all(torch.equal(a, b) for a, b in zip(masks[step], masks[step - step % 4])), step
+    assert not all(torch.equal(a, b) for a, b in zip(masks[4], masks[0]))  # recomputed, and they moved
+    assert all(mask.float().mean() == pytest.approx(0.7, abs=0.02) for mask in masks[0] if mask.numel() >= 100)
+
+    resumed_model, resumed, resumed_optimizer = start(saved)
+    for step in range(6, 9):
+        _sgd_step(resumed, resumed_model, images, labels, resumed_optimizer, step)
+    assert all(torch.equal(a, b) for a, b in zip(resumed_model.state_dict().values(), model.state_dict().values()))
+
+
 @pytest.mark.slow
 def test_cure_makes_a_natural_model_robust_on_a_small_task():
     images, labels = robust_vs_fragile_task(512)

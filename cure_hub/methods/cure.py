@@ -10,7 +10,9 @@ One optimiser step (Algorithm 1; equation numbers are the paper's, see docs/cure
   reducer); ``before_optimizer_step`` averages them across processes in one all-reduce and forms
   RGP = alpha |g_nat| + (1 - alpha) |g_adv|.
 * Mask   ``before_optimizer_step``: per tensor, :func:`prominence_mask` zeroes the gradient of L
-  where RGP is below the tensor's p-th percentile (the weights "conserved" this step).
+  where RGP is below the tensor's p-th percentile (the weights "conserved" this step). With
+  ``mask_interval`` k > 1 (a deviation from the paper), RGP and the masks are computed on steps
+  0, k, 2k, ... only, and the last masks are applied in between.
 * Eq. 7  ``after_optimizer_step``: with probability r_t, theta_rev <- d theta_rev + (1 - d) theta.
 """
 
@@ -150,6 +152,8 @@ class CURE(Method):
         self.masked_params = [named[n] for n in self.masked_names]
         self.total_steps = total_steps
         self._rgp_grads: list[torch.Tensor] | None = None
+        self._step = 0  # the optimiser step being taken, counted from the method's start
+        self._masks: list[torch.Tensor] | None = None  # the last masks (kept when mask_interval > 1)
         self._statistics: dict[str, torch.Tensor] = {}
         self.revision_model = None
         if config.use_revision:
@@ -191,7 +195,7 @@ class CURE(Method):
             loss = loss + config.gamma * consistency
             metrics["consistency"] = consistency.detach()
         metrics["loss"] = loss.detach()
-        if self.masked_params:
+        if self.masked_params and self._masks_due():
             if config.rgp_adversarial_loss == "ce":
                 adversarial_term = F.cross_entropy(adv_logits.float(), labels)
             else:  # official code: the TRADES KL term, through both branches
@@ -207,28 +211,40 @@ class CURE(Method):
         return StepOutput(loss, metrics)
 
     # ---- Eq. 6 and the mask (Algorithm 1, the update) ---------------------------------------
+    def _masks_due(self) -> bool:
+        return self._step % self.config.mask_interval == 0 or self._masks is None
+
     def before_optimizer_step(self, model) -> dict[str, torch.Tensor]:
         if not self.masked_params:
             return {}
-        if self._rgp_grads is None:
+        if self._masks_due() and self._rgp_grads is None:
             raise RuntimeError("before_optimizer_step called before compute_loss")
         with record_function("cure.mask"):
             return self._mask_gradients()
 
-    def _mask_gradients(self) -> dict[str, torch.Tensor]:
+    def _compute_masks(self) -> list[torch.Tensor]:
+        """Eq. 6 and the percentile mask of every masked tensor, from this step's RGP gradients."""
         grads = _all_reduce_sum(self._rgp_grads)
         self._rgp_grads = None
-        count = len(self.masked_params)
-        alpha, record = self.config.alpha, self.record_statistics
-        statistics = {}
-        for name, param, g_nat, g_adv in zip(self.masked_names, self.masked_params, grads[:count], grads[count:]):
-            if param.grad is None:
-                continue
+        count, alpha = len(self.masked_params), self.config.alpha
+        masks = []
+        for g_nat, g_adv in zip(grads[:count], grads[count:]):
             if not self.config.rgp_signed:  # the buffers are ours: work in place
                 g_nat, g_adv = g_nat.abs_(), g_adv.abs_()
-            score = g_nat.mul_(alpha).add_(g_adv, alpha=1 - alpha)
+            masks.append(prominence_mask(g_nat.mul_(alpha).add_(g_adv, alpha=1 - alpha), self.config.percentile))
+        return masks
+
+    def _mask_gradients(self) -> dict[str, torch.Tensor]:
+        masks = self._compute_masks() if self._masks_due() else self._masks
+        if self.config.mask_interval > 1:
+            self._masks = masks
+        record = self.record_statistics
+        statistics = {}
+        for name, param, mask in zip(self.masked_names, self.masked_params, masks):
+            if param.grad is None:
+                continue
             magnitude = param.grad.norm(1) / param.numel() if record else None
-            param.grad.mul_(prominence_mask(score, self.config.percentile))  # zero where conserved
+            param.grad.mul_(mask)  # zero where conserved
             if record:
                 statistics[name] = torch.stack([torch.count_nonzero(param.grad) / param.numel(), magnitude])
         if not record:
@@ -256,6 +272,7 @@ class CURE(Method):
     @torch.no_grad()
     @record_function("cure.revision_update")
     def after_optimizer_step(self, model, step: int) -> None:
+        self._step = step + 1
         if self.revision_model is None:
             return
         draw = torch.rand((), generator=self.revision_generator).item()
@@ -276,14 +293,19 @@ class CURE(Method):
                     rev_buffer.copy_(buffer)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.revision_model is None:
-            return {}
-        return {"revision_model": self.revision_model.state_dict(), "revision_generator": self.revision_generator.get_state()}
+        state = {}
+        if self.revision_model is not None:
+            state.update(revision_model=self.revision_model.state_dict(), revision_generator=self.revision_generator.get_state())
+        if self._masks is not None:  # reused until the next mask step: a resumed run must apply the same
+            state.update(masks=self._masks, step=self._step)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.revision_model is not None:
             self.revision_model.load_state_dict(state["revision_model"])
             self.revision_generator.set_state(state["revision_generator"])
+        if "masks" in state:
+            self._masks, self._step = [mask.to(p.device) for mask, p in zip(state["masks"], self.masked_params)], state["step"]
 
 
 def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
