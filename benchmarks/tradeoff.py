@@ -3,10 +3,13 @@
 One command reproduces the paper's comparison at a chosen scale: train a natural model (or take one
 with --natural-run), fine-tune a copy of it with every method under the same budget, plus CURE's
 ablations (RGP only, revision only), and evaluate every result with the same attacks on the same
-test examples. Prints a markdown table and writes it, with the raw numbers, to
-OUTPUT_DIR/tradeoff.json and OUTPUT_DIR/tradeoff.md.
+test examples, once per seed of --seeds (every seed its own natural model). Prints a markdown table
+(mean ± standard deviation over seeds, with the 95 % interval of one run's accuracy) and writes it,
+with the raw numbers, to OUTPUT_DIR/tradeoff.json and OUTPUT_DIR/tradeoff.md, and the clean-robust
+plot, with the interpolation curve of a CURE run (cure-hub tradeoff), to OUTPUT_DIR/tradeoff.png.
 
-    python benchmarks/tradeoff.py --preset cpu-small --dataset ../shared/data/cifar10
+    python benchmarks/tradeoff.py --preset cpu-small --dataset ../shared/data/cifar10 --seeds 0,1,2
+    python benchmarks/tradeoff.py --preset smoke --dataset digits --seeds 0,1      # seconds
     python benchmarks/tradeoff.py --preset paper-resnet18          # a GPU machine, days
 """
 
@@ -17,6 +20,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from cure_hub.config import DataConfig, TrainConfig
 from cure_hub.data import collate, load_eval_split
-from cure_hub.evaluation import evaluate_robustness, natural_robustness_ratio
+from cure_hub.evaluation import evaluate_robustness, natural_robustness_ratio, wilson_interval
+from cure_hub.interpolation import tradeoff_curve
 from cure_hub.hub import load_robust_model
 from cure_hub.trainer import Trainer
 
@@ -50,6 +55,7 @@ class Preset:
     revision_decay: float
     beta_cure: float = 5.0
     mixed_precision: str = "no"
+    augment: str = "auto"  # the trainer's --augment
 
 
 PRESETS = {
@@ -58,6 +64,12 @@ PRESETS = {
         model="cifar_resnet18", model_kwargs={"width": 16}, train_subset=4000, eval_examples=500,
         autoattack_examples=100, natural_epochs=15, natural_lr=0.1, epochs=4, lr=0.02, batch_size=128,
         attack_steps=10, weight_decay=5e-4, revision_rate=0.5, revision_decay=0.95,
+    ),
+    # Seconds, for CI: a narrow ResNet on a few hundred images (use --dataset digits).
+    "smoke": Preset(
+        model="cifar_resnet18", model_kwargs={"width": 8}, train_subset=640, eval_examples=40, autoattack_examples=0,
+        natural_epochs=4, natural_lr=0.05, epochs=1, lr=0.02, batch_size=32, attack_steps=2, weight_decay=5e-4,
+        revision_rate=0.5, revision_decay=0.9, augment="none",  # 8-px digits do not survive 4-pixel crops
     ),
     # The paper's settings (Table 9), for a GPU machine.
     "paper-resnet18": Preset(
@@ -87,13 +99,16 @@ def runs_for(preset: Preset) -> dict[str, dict]:
         # The official code's revision mode: batch statistics in L_CR, so L_CR is zero when theta_rev = theta
         # (the default eval mode adds a train/eval batch-norm term; docs/cure.md).
         "cure (revision in train mode)": {**cure, "revision_mode": "train"},
+        # Masks every 4 steps (an opt-in deviation: docs/cure.md).
+        "cure (mask every 4)": {**cure, "mask_interval": 4},
     }
 
 
 def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int, lr: float, seed: int, init_from=None) -> float:
     config = TrainConfig.from_dict({
         "model": {"model": preset.model, "model_kwargs": preset.model_kwargs, "init_from": init_from},
-        "data": {"dataset": dataset, "train_subset": preset.train_subset, "eval_subset": min(preset.eval_examples, 500)},
+        "data": {"dataset": dataset, "train_subset": preset.train_subset, "eval_subset": min(preset.eval_examples, 500),
+                 "augment": preset.augment},
         "method": method,
         "attack": {"steps": preset.attack_steps},
         "optim": {"epochs": epochs, "batch_size": preset.batch_size, "lr": lr, "lr_schedule": "cosine",
@@ -125,18 +140,71 @@ def evaluate(run: Path, dataset: str, preset: Preset, device: str) -> dict:
     return results
 
 
+#: The table's columns: name, where the value is, whether it is an accuracy (with an interval).
+COLUMNS = (("Nat", ("accuracy", "clean"), True), ("PGD-20", ("accuracy", "pgd20"), True), ("C&W", ("accuracy", "cw"), True),
+           ("AA", ("accuracy", "aa"), True), ("NRR (C&W)", ("nrr", "cw"), False), ("NRR (AA)", ("nrr", "aa"), False))
+
+
+def summarise(runs: list[dict], n_examples: int, aa_examples: int) -> dict:
+    """Per column, the mean and standard deviation over seeds, and for accuracies the 95 % Wilson
+    interval of the mean at the evaluation's sample size (the sampling error of one run)."""
+    summary = {}
+    for name, (section, key), is_accuracy in COLUMNS:
+        values = [run["eval"][section].get(key) for run in runs]
+        if any(v is None for v in values):
+            continue
+        mean = statistics.fmean(values)
+        entry = {"mean": mean, "sd": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+        if is_accuracy:
+            n = aa_examples if key == "aa" else n_examples
+            entry["interval"] = list(wilson_interval(round(mean * n), n))
+        summary[name] = entry
+    summary["train_minutes"] = statistics.fmean(run["train_seconds"] for run in runs) / 60
+    return summary
+
+
 def markdown_table(rows: dict[str, dict]) -> str:
-    header = "| model | Nat | PGD-20 | C&W | AA | NRR (C&W) | NRR (AA) | training time |\n|---|---|---|---|---|---|---|---|"
-    lines = [header]
-    for name, row in rows.items():
-        acc, nrr = row["eval"]["accuracy"], row["eval"]["nrr"]
-
-        def pct(value):
-            return "—" if value is None else f"{100 * value:.2f}"
-
-        lines.append(f"| {name} | {pct(acc['clean'])} | {pct(acc['pgd20'])} | {pct(acc['cw'])} | {pct(acc.get('aa'))} | "
-                     f"{pct(nrr.get('cw'))} | {pct(nrr.get('aa'))} | {row['train_seconds'] / 60:.1f} min |")
+    """Mean ± sd over seeds, and [the 95 % interval of one run's accuracy on these examples]."""
+    header = "| model | " + " | ".join(name for name, _, _ in COLUMNS) + " | training time |"
+    lines = [header, "|---" * (len(COLUMNS) + 2) + "|"]
+    for row_name, row in rows.items():
+        cells = []
+        for name, _, _ in COLUMNS:
+            entry = row["summary"].get(name)
+            if entry is None:
+                cells.append("—")
+                continue
+            text = f"{100 * entry['mean']:.2f}" + (f" ± {100 * entry['sd']:.2f}" if entry["sd"] is not None else "")
+            if "interval" in entry:
+                text += f" [{100 * entry['interval'][0]:.1f}–{100 * entry['interval'][1]:.1f}]"
+            cells.append(text)
+        lines.append(f"| {row_name} | " + " | ".join(cells) + f" | {row['summary']['train_minutes']:.1f} min |")
     return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], curve: dict | None, output: Path) -> Path:
+    """Clean against C&W accuracy: a small point per run, a large one per row's mean, and the
+    interpolation curve of the first seed's CURE run."""
+    from cure_hub.plots import _pyplot
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for index, (name, row) in enumerate(rows.items()):
+        colour = f"C{index % 10}"
+        runs = row["runs"]
+        axes.scatter([r["eval"]["accuracy"]["clean"] for r in runs], [r["eval"]["accuracy"]["cw"] for r in runs],
+                     s=12, color=colour, alpha=0.5)
+        axes.scatter(row["summary"]["Nat"]["mean"], row["summary"]["C&W"]["mean"], s=70, color=colour, label=name, edgecolors="black")
+    if curve:
+        points = curve["points"]
+        axes.plot([p["accuracy"]["clean"] for p in points], [p["accuracy"]["cw"] for p in points], "k--", linewidth=1,
+                  label="cure: θ(λ) from its start (seed of the first run)")
+    axes.set(xlabel="clean accuracy", ylabel="C&W accuracy", title="Clean–robust trade-off (small: runs, large: mean over seeds)")
+    axes.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
 
 
 def main(argv=None) -> int:
@@ -144,12 +212,16 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=PRESETS, default="cpu-small")
     parser.add_argument("--dataset", default="uoft-cs/cifar10", help="CIFAR-10: Hub id or local copy.")
     parser.add_argument("--output-dir", default="runs/tradeoff")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--natural-run", help="Start from this natural run folder instead of training one.")
+    parser.add_argument("--seeds", default="0", help="Comma-separated: every row is trained once per seed, from the natural model of that seed.")
+    parser.add_argument("--natural-run", help="Start from this natural run folder instead of training one (one seed).")
     parser.add_argument("--methods", help="Comma-separated subset of the rows to run.")
+    parser.add_argument("--curve-points", type=int, default=6, help="Points of the cure run's interpolation curve (0: none).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply data sizes and epochs (a smoke test: 0.1).")
     args = parser.parse_args(argv)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    if args.natural_run and len(seeds) > 1:
+        parser.error("--natural-run is one natural model: give one seed")
     preset = PRESETS[args.preset]
     if args.scale != 1.0:
         scaled = lambda n: max(1, int(n * args.scale))  # noqa: E731
@@ -161,21 +233,25 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = {}
-    natural = Path(args.natural_run) if args.natural_run else out / "natural"
-    natural_seconds = 0.0
-    if not args.natural_run:
-        natural_seconds = train(preset, args.dataset, natural, {"method": "standard"}, preset.natural_epochs, preset.natural_lr, args.seed)
-    rows["natural (start)"] = {"train_seconds": natural_seconds, "eval": evaluate(natural, args.dataset, preset, args.device)}
-    print(f"natural: {rows['natural (start)']['eval']['accuracy']}", flush=True)
     chosen = runs_for(preset)
     if args.methods:
         chosen = {k: v for k, v in chosen.items() if k in args.methods.split(",")}
-    for name, method in chosen.items():
-        run = out / name.replace(" ", "_").replace("(", "").replace(")", "")
-        seconds = train(preset, args.dataset, run, method, preset.epochs, preset.lr, args.seed, init_from=str(natural))
-        rows[name] = {"train_seconds": seconds, "method": method, "eval": evaluate(run, args.dataset, preset, args.device)}
-        print(f"{name}: {rows[name]['eval']['accuracy']} in {seconds / 60:.1f} min", flush=True)
+    rows = {name: {"runs": [], "method": method} for name, method in {"natural (start)": None, **chosen}.items()}
+    curve = None
+    for seed in seeds:
+        natural = Path(args.natural_run) if args.natural_run else out / f"seed{seed}" / "natural"
+        seconds = 0.0 if args.natural_run else train(preset, args.dataset, natural, {"method": "standard"}, preset.natural_epochs,
+                                                     preset.natural_lr, seed)
+        rows["natural (start)"]["runs"].append({"seed": seed, "train_seconds": seconds, "eval": evaluate(natural, args.dataset, preset, args.device)})
+        for name, method in chosen.items():
+            run = out / f"seed{seed}" / name.replace(" ", "_").replace("(", "").replace(")", "")
+            seconds = train(preset, args.dataset, run, method, preset.epochs, preset.lr, seed, init_from=str(natural))
+            rows[name]["runs"].append({"seed": seed, "train_seconds": seconds, "eval": evaluate(run, args.dataset, preset, args.device)})
+            print(f"seed {seed} {name}: {rows[name]['runs'][-1]['eval']['accuracy']} in {seconds / 60:.1f} min", flush=True)
+            if name == "cure" and curve is None and args.curve_points > 1:
+                curve = interpolation_curve(run, args.dataset, preset, args.curve_points, args.device)
+    for row in rows.values():
+        row["summary"] = summarise(row["runs"], preset.eval_examples, preset.autoattack_examples)
     table = markdown_table(rows)
     total = time.perf_counter() - started
     settings = dataclasses.asdict(preset)
@@ -187,17 +263,27 @@ def main(argv=None) -> int:
         f"settings scaled to the run's length (r {preset.revision_rate}, d {preset.revision_decay}: the revision model "
         f"averages over about 1/((1-d) r) = {1 / ((1 - preset.revision_decay) * preset.revision_rate):.0f} steps). "
         f"Evaluation: the same {preset.eval_examples} class-balanced test examples for every model (clean, PGD-20, "
-        f"C&W-inf 30 steps), AutoAttack (standard) on the first {preset.autoattack_examples} of them. "
-        f"One seed ({args.seed}): no run-to-run spread measured. "
-        f"Total {total / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} threads, "
-        f"{datetime.date.today().isoformat()}."
+        f"C&W-inf 30 steps)" + (f", AutoAttack (standard) on the first {preset.autoattack_examples} of them" if preset.autoattack_examples else "")
+        + f". Seeds {seeds}: each cell is the mean ± standard deviation over seeds (every seed trains its own natural "
+        f"model and every method from it), and in brackets the 95 % Wilson interval of one run's accuracy at that "
+        f"mean on these examples. Total {total / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} "
+        f"threads, {datetime.date.today().isoformat()}."
     )
     print(table)
     print(note)
+    plot(rows, curve, out / "tradeoff.png")
     (out / "tradeoff.md").write_text(table + "\n\n" + note + "\n")
-    (out / "tradeoff.json").write_text(json.dumps({"preset": args.preset, "settings": settings, "seed": args.seed,
-                                                   "total_seconds": total, "rows": rows, "note": note}, indent=2))
+    (out / "tradeoff.json").write_text(json.dumps({"preset": args.preset, "settings": settings, "seeds": seeds,
+                                                   "total_seconds": total, "rows": rows, "curve": curve, "note": note}, indent=2))
     return 0
+
+
+def interpolation_curve(run: Path, dataset: str, preset: Preset, points: int, device: str) -> dict:
+    """The dial of a cure run (``cure-hub tradeoff``) on the benchmark's examples."""
+    examples = load_eval_split(DataConfig(dataset=dataset), preset.eval_examples).dataset
+    batches = DataLoader(examples, batch_size=250, collate_fn=collate)
+    return tradeoff_curve(run, "last", points, batches, ["clean", "cw"], epsilon=8 / 255, norm="linf", device=device,
+                          progress=False)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
   below the best; ``--stop-on-robust-overfitting`` then ends the run (the best weights are kept
   in ``weights/best.safetensors`` either way, and ``--export-weights best`` exports them).
 * **Gradient masking** (catastrophic overfitting included): PGD accuracy above clean accuracy, or
-  PGD at ε = 64/255 leaving more than 20 % standing on the first evaluation batch, the same test
+  PGD at ε = 64/255 leaving more than 20 % of the first 32 evaluation examples standing, the same test
   ``cure-hub eval`` makes on every evaluation (:mod:`cure_hub.evaluation_checks`).
 """
 
@@ -23,6 +23,9 @@ GRADIENT_MASKING = "gradient masking"
 #: PGD steps of the large-ε probe: with steps of ε/4 it can travel 2.5 ε, whatever the
 #: evaluation's own number of steps.
 PROBE_STEPS = 10
+#: Examples of the first evaluation batch the probe attacks: enough to see a masked model (one
+#: that keeps most of them standing), a small cost next to the evaluation itself.
+PROBE_EXAMPLES = 32
 
 
 def robust_overfitting(history: list[float], margin: float, patience: int) -> str | None:

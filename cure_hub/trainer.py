@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .alarms import ROBUST_OVERFITTING, gradient_masking, large_epsilon_accuracy, robust_overfitting
+from .alarms import PROBE_EXAMPLES, ROBUST_OVERFITTING, gradient_masking, large_epsilon_accuracy, robust_overfitting
 from .attacks import eval_mode, pgd_attack
 from .config import AttackConfig, InputError, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
 from .data import augment, augmentation_for, collate, load_data
@@ -653,6 +653,7 @@ class Trainer:
         run, state = self.config.run, self.state
         state.robust_history.append(robust)
         images, labels = next(iter(self.eval_loader))
+        images, labels = images[:PROBE_EXAMPLES], labels[:PROBE_EXAMPLES]
         generator = torch.Generator(self.accelerator.device).manual_seed(self.config.optim.seed)
         with eval_mode(unwrap(self.model)):
             standing = large_epsilon_accuracy(unwrap(self.model), images, labels, generator)

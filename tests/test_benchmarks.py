@@ -1,0 +1,33 @@
+"""The trade-off benchmark's smoke preset: every row over two seeds, mean ± sd, intervals, plot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_tradeoff_smoke_preset_over_two_seeds(tmp_path):
+    command = [sys.executable, str(REPO / "benchmarks" / "tradeoff.py"), "--preset", "smoke", "--dataset", "digits",
+               "--seeds", "0,1", "--methods", "trades,cure", "--curve-points", "3", "--output-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    header = "| model | Nat | PGD-20 | C&W | AA | NRR (C&W) | NRR (AA) | training time |"
+    table = (tmp_path / "tradeoff.md").read_text()
+    assert header in table
+    rows = [line for line in table.splitlines() if line.startswith(("| natural", "| trades", "| cure"))]
+    assert len(rows) == 3 and all(row.count(" ± ") == 4 for row in rows)  # Nat, PGD-20, C&W, NRR (C&W); no AA here
+    result = json.loads((tmp_path / "tradeoff.json").read_text())
+    assert result["seeds"] == [0, 1] and list(result["rows"]) == ["natural (start)", "trades", "cure"]
+    for row in result["rows"].values():
+        nat = row["summary"]["Nat"]
+        assert [run["seed"] for run in row["runs"]] == [0, 1] and len(nat["values"]) == 2
+        assert nat["mean"] == pytest.approx(sum(nat["values"]) / 2) and nat["sd"] >= 0
+        assert nat["interval"][0] <= nat["mean"] <= nat["interval"][1]
+    assert [p["lambda"] for p in result["curve"]["points"]] == [0.0, 0.5, 1.0]
+    assert (tmp_path / "tradeoff.png").stat().st_size > 1000
