@@ -21,7 +21,7 @@ def evaluation(natural_run, tmp_path_factory):
     """8x8 digits resist 8/255 even when trained naturally; 24/255 lets the attacks bite."""
     output = tmp_path_factory.mktemp("eval")
     code = main([
-        "eval", str(natural_run), "--dataset", "digits", "--n-examples", "40", "--attacks", "clean,pgd20,pgd100,cw,aa",
+        "eval", str(natural_run), "--dataset", "digits", "--n-examples", "20", "--attacks", "clean,pgd20,pgd100,cw,aa",
         "--epsilon", "24/255", "--eps-sweep", "--output", str(output / "results.json"), "--plots", str(output / "plots"),
     ])
     assert code == 0
@@ -31,13 +31,13 @@ def evaluation(natural_run, tmp_path_factory):
 def test_results_have_the_documented_shape(evaluation):
     results, _ = evaluation
     assert RESULT_KEYS <= set(results)
-    assert results["n_examples"] == 40 and results["norm"] == "linf" and results["epsilon"] == pytest.approx(24 / 255)
+    assert results["n_examples"] == 20 and results["norm"] == "linf" and results["epsilon"] == pytest.approx(24 / 255)
     assert set(results["accuracy"]) == {"clean", "pgd20", "pgd100", "cw", "aa"}
     assert all(0.0 <= v <= 1.0 for v in results["accuracy"].values())
     assert list(results["eps_sweep"]) == ["0.25/255", "0.5/255", "1/255", "2/255", "4/255", "8/255"]
     assert results["interval_method"] == "Wilson score interval, 95 %"
     for name, accuracy in results["accuracy"].items():
-        assert results["intervals"][name] == list(wilson_interval(round(accuracy * 40), 40))
+        assert results["intervals"][name] == list(wilson_interval(round(accuracy * 20), 20))
 
 
 def test_wilson_interval_equals_a_hand_computation():
