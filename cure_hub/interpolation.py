@@ -16,7 +16,6 @@ preprocessing) wherever the architecture has batch norm.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -24,8 +23,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import InputError
-
-logger = logging.getLogger(__name__)
 
 #: Batches of training images over which batch-norm statistics are recomputed, by default.
 BATCH_NORM_BATCHES = 50
