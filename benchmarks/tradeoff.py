@@ -67,7 +67,7 @@ PRESETS = {
     ),
     # Seconds, for CI: a narrow ResNet on a few hundred images (use --dataset digits).
     "smoke": Preset(
-        model="cifar_resnet18", model_kwargs={"width": 8}, train_subset=640, eval_examples=40, autoattack_examples=0,
+        model="cifar_resnet18", model_kwargs={"width": 8}, train_subset=320, eval_examples=40, autoattack_examples=0,
         natural_epochs=4, natural_lr=0.05, epochs=1, lr=0.02, batch_size=32, attack_steps=2, weight_decay=5e-4,
         revision_rate=0.5, revision_decay=0.9, augment="none",  # 8-px digits do not survive 4-pixel crops
     ),
