@@ -35,12 +35,19 @@ SEVERITIES = (1, 2, 3, 4, 5)
 RELEASES = "https://zenodo.org/records/2535967 (CIFAR-10-C), https://zenodo.org/records/3555552 (CIFAR-100-C)"
 
 
+def check_corruptions(corruptions, severities) -> None:
+    """Refuse a corruption that is not one of :data:`CORRUPTIONS`, or a severity outside 1-5."""
+    unknown = [n for n in corruptions if n not in CORRUPTIONS]
+    if unknown:
+        raise InputError(f"unknown corruption(s) {unknown}; choose 'all' or from {', '.join(CORRUPTIONS)}")
+    if not severities or any(s not in SEVERITIES for s in severities):
+        raise InputError(f"severities must be 'all' or among 1-5, comma-separated (e.g. 3 or 1,3,5); got {severities!r}")
+
+
 def parse_corruptions(text: str) -> tuple[str, ...]:
     """``all``, or a comma-separated list of :data:`CORRUPTIONS`."""
     names = CORRUPTIONS if text == "all" else tuple(text.split(","))
-    unknown = [n for n in names if n not in CORRUPTIONS]
-    if unknown:
-        raise InputError(f"unknown corruption(s) {unknown}; choose 'all' or from {', '.join(CORRUPTIONS)}")
+    check_corruptions(names, SEVERITIES)
     return names
 
 
@@ -49,9 +56,8 @@ def parse_severities(text: str) -> tuple[int, ...]:
     try:
         severities = SEVERITIES if text == "all" else tuple(int(s) for s in text.split(","))
     except ValueError:
-        severities = ()
-    if not severities or any(s not in SEVERITIES for s in severities):
-        raise InputError(f"severities must be 'all' or among 1-5, comma-separated (e.g. 3 or 1,3,5); got {text!r}")
+        raise InputError(f"severities must be 'all' or among 1-5, comma-separated (e.g. 3 or 1,3,5); got {text!r}") from None
+    check_corruptions((), severities)
     return severities
 
 

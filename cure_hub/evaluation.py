@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .attacks import pgd_attack
 from .config import AttackConfig, InputError
-from .corruptions import CORRUPTIONS, SEVERITIES
+from .corruptions import check_corruptions
 from .evaluation_checks import (
     LARGE_EPSILON,
     gradient_masking_warnings,
@@ -147,10 +147,7 @@ class EvaluationSuite:
             raise InputError(f"unknown norm {self.norm!r}; choose from {', '.join(NORM_NAMES)}")
         if not 0 < self.epsilon <= 1:
             raise InputError(f"epsilon must be in (0, 1] (pixel units; 8/255 = 0.0314), got {self.epsilon}")
-        unknown = [c for c in self.corruptions if c not in CORRUPTIONS] + [s for s in self.severities if s not in SEVERITIES]
-        if unknown:
-            raise InputError(f"unknown corruption(s) or severities {unknown}; corruptions: {', '.join(CORRUPTIONS)}; "
-                             f"severities: 1-5")
+        check_corruptions(self.corruptions, self.severities)
 
     @property
     def robust_attacks(self) -> list[str]:

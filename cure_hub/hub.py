@@ -208,14 +208,6 @@ def _epsilon_text(epsilon: float) -> str:
     return f"{in_255:g}/255" if abs(in_255 - round(in_255, 2)) < 1e-6 else f"{epsilon:g}"
 
 
-#: The keys of a RobustBench model-info file: the fields of ``robustbench.utils.ModelInfo``, plus
-#: ``unreliable``, which the leaderboard's files carry (e.g. ``model_info/cifar10/Linf/Xu2023Exploring_WRN-28-10.json``).
-#: The threat model is not a key: it is the folder the file goes in, ``model_info/<dataset>/<Linf|L2>/<Name>.json``.
-ROBUSTBENCH_KEYS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                    "architecture", "eps", "clean_acc", "reported", "corruptions_acc", "corruptions_acc_3d",
-                    "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote", "unreliable")
-
-
 def robustbench_path(results: dict, name: str) -> str:
     """Where a RobustBench entry goes in its repository."""
     return f"model_info/{_robustbench_dataset(results['dataset'])}/{NORM_NAMES[results['norm']]}/{name}.json"
@@ -408,18 +400,17 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     for leftover in out.parent.glob(f".{out.name}.partial-*"):  # from an export that was killed
         shutil.rmtree(leftover, ignore_errors=True)
     config = yaml.safe_load((run / "config.yaml").read_text())
-    interpolation = None
     if interpolate is not None:
         if eval_results:
             raise ExportError("--interpolate takes its evaluation from the run's tradeoff curve; leave out --eval-results")
         model, results, interpolation = _interpolated_export(run, weights, interpolate)
     else:
-        model = load_robust_model(run, weights=weights)
-    if interpolation is None and eval_results:
-        results = _read_json(Path(eval_results))
-        _check_results_are_of(results, run, weights, eval_results)
-    elif interpolation is None:
-        results = _eval_results_from_run(run, weights, config)
+        model, interpolation = load_robust_model(run, weights=weights), None
+        if eval_results:
+            results = _read_json(Path(eval_results))
+            _check_results_are_of(results, run, weights, eval_results)
+        else:
+            results = _eval_results_from_run(run, weights, config)
     results = without_local_paths(results)
     summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,17 +42,23 @@ def interpolate_state(start: dict[str, torch.Tensor], end: dict[str, torch.Tenso
 def interpolated_model(run_dir: str | Path, weights: str, lam: float):
     """The run's model at θ(λ) between its start and its ``weights`` (batch-norm statistics as
     interpolated: see :func:`recompute_batch_norm`)."""
-    from .hub import load_robust_model
-
     if not 0 <= lam <= 1:
         raise InputError(f"λ must be in [0, 1] (0: the start, 1: the {weights} weights), got {lam}")
+    model, start, end = _end_points(run_dir, weights)
+    model.backbone.load_state_dict(interpolate_state(start, end, lam))
+    return model
+
+
+def _end_points(run_dir: str | Path, weights: str):
+    """The run's model with its ``weights``, and the state dicts of the start and of those weights."""
+    from .hub import load_robust_model
+
     start_file = Path(run_dir) / "weights" / "start.safetensors"
     if not start_file.is_file():
         raise InputError(f"{run_dir} has no weights/start.safetensors: it was trained before cure-hub recorded the "
                          "weights a robust fine-tuning starts from; train it again to interpolate")
     model = load_robust_model(run_dir, weights=weights)
-    model.backbone.load_state_dict(interpolate_state(load_file(start_file), model.backbone.state_dict(), lam))
-    return model
+    return model, load_file(start_file), {k: v.clone() for k, v in model.backbone.state_dict().items()}
 
 
 def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -119,14 +125,15 @@ def tradeoff_curve(run_dir: str | Path, weights: str, points: int, eval_batches,
         raise InputError(f"the curve needs a robust attack besides clean (e.g. pgd20); got {attacks}")
     bn_loader = None
     rows = []
+    model, start, end = _end_points(run_dir, weights)  # read once; every λ is loaded into the same model
     for index in tqdm(range(points), desc="tradeoff", unit="λ", disable=not progress):
         lam = index / (points - 1)
-        model = interpolated_model(run_dir, weights, lam)
+        model.backbone.load_state_dict(interpolate_state(start, end, lam))
         recomputed = 0
         if 0 < lam < 1 and batch_norm_layers(model):
             bn_loader = bn_loader or training_batches(run_dir)
             recomputed = recompute_batch_norm(model, bn_loader, bn_batches, device)
-        results = evaluate_robustness(model, eval_batches, ["clean", *[a for a in attacks if a != "clean"]],
+        results = evaluate_robustness(model, eval_batches, attacks,
                                       epsilon=epsilon, norm=norm, sanity_checks=False, device=device, seed=seed,
                                       progress=False)
         accuracy = results["accuracy"]

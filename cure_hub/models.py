@@ -226,7 +226,7 @@ def create_model(
     """
     if (path := Path(name)).exists():
         model = _create_from_path(path, num_classes, image_size, pretrained, **kwargs)
-    elif name in MODEL_ALIASES or timm.is_model(name) or name.startswith(TIMM_HUB_PREFIX):
+    elif _is_timm_name(name):
         model = _create_timm(MODEL_ALIASES.get(name, name), num_classes, image_size, pretrained, **kwargs)
     elif name in _transformers_model_types():
         model = _create_transformers_from_config(_transformers_config(name, num_classes, image_size, kwargs), image_size=image_size)
@@ -259,14 +259,8 @@ def pretrained_input_size(name: str) -> int | None:
     """The image size a pretrained checkpoint was trained at: from timm's pretrained config (an
     architecture, an alias, an ``hf-hub:`` repository) or a transformers checkpoint's config or
     image processor (a Hub id or folder); ``None`` when it does not say."""
-    name = MODEL_ALIASES.get(name, name)
-    if name.startswith(TIMM_HUB_PREFIX):
-        from timm.models import load_model_config_from_hf
-
-        return load_model_config_from_hf(name.removeprefix(TIMM_HUB_PREFIX))[0]["input_size"][-1]
-    if timm.is_model(name):
-        cfg = timm.models.get_pretrained_cfg(name)
-        return cfg.input_size[-1] if cfg else None
+    if _is_timm_name(name):
+        return _timm_pretrained_config(MODEL_ALIASES.get(name, name))[0]
     if name in _transformers_model_types():
         return None
     from transformers import AutoConfig, AutoImageProcessor
@@ -289,8 +283,24 @@ def loads_pretrained_weights(name: str, pretrained: bool) -> bool:
     path = Path(name)
     if path.exists():
         return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
-    return not (name in MODEL_ALIASES or timm.is_model(name) or name.startswith(TIMM_HUB_PREFIX)
-                or name in _transformers_model_types()) and "/" in name
+    return not (_is_timm_name(name) or name in _transformers_model_types()) and "/" in name
+
+
+def _is_timm_name(name: str) -> bool:
+    """A timm architecture, an alias of one, or a timm-layout Hub repository."""
+    return name in MODEL_ALIASES or timm.is_model(name) or name.startswith(TIMM_HUB_PREFIX)
+
+
+def _timm_pretrained_config(arch: str) -> tuple[int | None, str, dict]:
+    """For a timm architecture or ``hf-hub:`` repository: the input size it was pretrained at
+    (``None`` when it does not say), the architecture's name, and the repository's arguments."""
+    if arch.startswith(TIMM_HUB_PREFIX):
+        from timm.models import load_model_config_from_hf
+
+        cfg, base_arch, hub_args = load_model_config_from_hf(arch.removeprefix(TIMM_HUB_PREFIX))
+        return cfg["input_size"][-1], base_arch, hub_args or {}
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return (cfg.input_size[-1] if cfg else None), arch, {}
 
 
 def choose_patch_size(image_size: int, default_patch: int) -> int:
@@ -305,15 +315,8 @@ def choose_patch_size(image_size: int, default_patch: int) -> int:
 def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs) -> RobustClassifier:
     """A timm architecture, or a timm-layout Hub repository (``hf-hub:owner/name``: its architecture
     and arguments, with its weights when ``pretrained``)."""
-    hub_args = {}
-    if arch.startswith(TIMM_HUB_PREFIX):
-        from timm.models import load_model_config_from_hf
-
-        cfg, base_arch, hub_args = load_model_config_from_hf(arch.removeprefix(TIMM_HUB_PREFIX))
-        default_size = cfg["input_size"][-1]
-    else:
-        pretrained_cfg, base_arch = timm.models.get_pretrained_cfg(arch), arch
-        default_size = pretrained_cfg.input_size[-1] if pretrained_cfg else 224
+    native_size, base_arch, hub_args = _timm_pretrained_config(arch)
+    default_size = native_size or 224
     model_args = dict(kwargs)
     if num_classes is not None:
         model_args["num_classes"] = num_classes
@@ -343,7 +346,7 @@ def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs)
         mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
         std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
         # The Hub repository's arguments too: the run rebuilds the network without the Hub.
-        model_args={k: v for k, v in {**(hub_args or {}), **model_args}.items() if k != "num_classes"},
+        model_args={k: v for k, v in {**hub_args, **model_args}.items() if k != "num_classes"},
         source=(arch.removeprefix(TIMM_HUB_PREFIX) if arch.startswith(TIMM_HUB_PREFIX) else cfg.get("hf_hub_id")) if pretrained else None,
     )
     return RobustClassifier(backbone, spec)

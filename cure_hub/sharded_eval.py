@@ -12,6 +12,7 @@ evaluation continued with ``--resume``, with any number of processes, equals an 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -140,6 +141,7 @@ def run_evaluation(
 
     processes = process_state()
     device = device or processes.device
+    num_batches = math.ceil(len(dataset) / batch_size)
     finished = {}
     if state is not None and state.exists():
         if not resume:
@@ -147,19 +149,18 @@ def run_evaluation(
                              "or remove the folder to start over")
         state.check_same_evaluation()
         finished = state.finished_batches()
-        logger.info("resuming: %d of %d batches already evaluated", len(finished), math.ceil(len(dataset) / batch_size))
+        logger.info("resuming: %d of %d batches already evaluated", len(finished), num_batches)
     processes.wait_for_everyone()  # everyone has read the state before anyone writes to it
     if state is not None and processes.is_main_process and not state.exists():
         state.create()
     processes.wait_for_everyone()
 
-    num_batches = math.ceil(len(dataset) / batch_size)
     mine = [b for b in range(num_batches) if b not in finished][processes.process_index::processes.num_processes]
     batch_indices = [list(range(b * batch_size, min((b + 1) * batch_size, len(dataset)))) for b in mine]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_indices, collate_fn=collate)
     prefix = "eval" if processes.num_processes == 1 else f"eval (process 1 of {processes.num_processes})"
     new = []
-    with (state.writer(processes.process_index) if state is not None else open(os.devnull, "w")) as file, \
+    with (state.writer(processes.process_index) if state is not None else contextlib.nullcontext()) as file, \
             tqdm(total=sum(map(len, batch_indices)), unit="img", dynamic_ncols=True,
                  disable=not progress or not processes.is_main_process) as bar:
         batches = ((b, images, labels, corrupted_copy.batch([split_indices[i] for i in positions], labels)
