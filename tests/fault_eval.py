@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 
+import torch.distributed as dist
+
 from cure_hub.cli import main
 from cure_hub.sharded_eval import EvaluationState
 
@@ -22,6 +24,13 @@ def inject(kill_at: str) -> None:
     written = 0
     append = EvaluationState.append
 
+    def die():
+        # Every process first reaches its point of death: the launcher stops the others as soon as
+        # one dies, which would otherwise leave where they stand to chance.
+        if dist.is_initialized():
+            dist.barrier()
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def append_then_die(file, record):
         nonlocal written
         written += 1
@@ -29,10 +38,10 @@ def inject(kill_at: str) -> None:
             line = EvaluationState.line(record)
             file.write(line[: len(line) // 2])
             file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            die()
         append(file, record)
         if kind == "after" and written == int(value):
-            os.kill(os.getpid(), signal.SIGKILL)
+            die()
 
     EvaluationState.append = staticmethod(append_then_die)
 
