@@ -150,23 +150,21 @@ def _save_timm(model: RobustClassifier, folder: Path) -> None:
 
 
 def _image_processor(spec: ModelSpec):
+    """The model type's processor (ViT's where it has none, or where its options cannot express
+    the model's normalisation), checked to give the export the pixels ``spec`` describes."""
     from transformers import ViTImageProcessor
 
     from .models import default_image_processor
+    from .preprocessing import PixelMap, processor_applying
 
-    processor = default_image_processor(spec.architecture) or ViTImageProcessor()
-    processor.image_mean, processor.image_std = list(spec.mean), list(spec.std)
-    # In the processor's own size format: ConvNeXt's (also ResNet's and RegNet's) takes only a
-    # shortest edge, and crops a crop_pct share of it, so crop_pct 1 keeps the whole image.
-    if "shortest_edge" in (processor.size or {}):
-        processor.size = {"shortest_edge": spec.image_size}
-    else:
-        processor.size = {"height": spec.image_size, "width": spec.image_size}
-    if hasattr(processor, "crop_pct"):
-        processor.crop_pct = 1.0
-    if hasattr(processor, "do_center_crop"):  # the model saw whole images at its size
-        processor.do_center_crop = False
-    return processor
+    target = PixelMap(tuple(spec.mean), tuple(spec.std), spec.channel_order)
+    for processor in filter(None, (default_image_processor(spec.architecture), ViTImageProcessor())):
+        if (configured := processor_applying(processor, target, spec.image_size)) is not None:
+            return configured
+    raise ExportError(
+        f"no image processor for {spec.architecture} can give the model its pixels ({spec.channel_order}, mean {list(spec.mean)}, "
+        f"std {list(spec.std)}): pipeline() would feed it the wrong input"
+    )
 
 
 def _package_versions() -> dict[str, str]:

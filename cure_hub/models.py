@@ -23,12 +23,14 @@ from torch import nn
 
 from . import architectures  # noqa: F401  (registers the CIFAR architectures with timm)
 from .config import InputError
+from .preprocessing import PixelMap, UnsupportedProcessorError, pixel_map
 
 logger = logging.getLogger(__name__)
 
-#: Short names users type, mapped onto timm architectures.
 #: How timm names a timm-layout Hub repository: ``hf-hub:owner/name``.
 TIMM_HUB_PREFIX = "hf-hub:"
+#: Short names users type, mapped onto timm architectures. None is the name of a timm architecture
+#: or a transformers model type (``convnext`` is transformers' ConvNeXt; timm's is ``convnext_tiny``).
 MODEL_ALIASES = {
     "vit_tiny": "vit_tiny_patch16_224",
     "vit_small": "vit_small_patch16_224",
@@ -37,9 +39,6 @@ MODEL_ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
     "deit_small": "deit_small_patch16_224",
     "deit_base": "deit_base_patch16_224",
-    "convnext": "convnext_tiny",
-    "resnet18": "resnet18",
-    "resnet50": "resnet50",
     "wrn34_10": "cifar_wrn34_10",
     "preactresnet18": "cifar_preactresnet18",
 }
@@ -84,12 +83,15 @@ class ModelSpec:
         architecture: the timm architecture, or the transformers ``model_type``.
         num_classes: number of output logits.
         image_size: side of the square input images the model was built for.
-        mean: per-channel mean subtracted inside the model (inputs are in [0, 1]).
-        std: per-channel standard deviation divided inside the model.
+        mean: per-channel mean subtracted inside the model (inputs are in [0, 1]), in the
+            backbone's channel order.
+        std: per-channel standard deviation divided inside the model, in that order too.
         model_args: constructor arguments that differ from the architecture's defaults (timm), or
             the full transformers config as a dict.
         label_names: class names, index-aligned with the logits.
         source: where the starting weights came from (a Hub id or path), if anywhere.
+        channel_order: ``"RGB"``, or ``"BGR"`` for backbones trained on reversed channels (as
+            MobileViT's processor gives them); inputs are always RGB.
     """
 
     library: str
@@ -101,6 +103,7 @@ class ModelSpec:
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     label_names: list[str] | None = None
     source: str | None = None
+    channel_order: str = "RGB"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,7 +115,8 @@ class ModelSpec:
 
 
 class RobustClassifier(nn.Module):
-    """A classifier on [0, 1] images: ``logits = backbone((x - mean) / std)``.
+    """A classifier on [0, 1] RGB images: ``logits = backbone((x - mean) / std)``, with the
+    channels reversed first for a backbone that expects BGR.
 
     ``backbone`` is the bare timm model or transformers ``*ForImageClassification`` model; its
     state dict is what gets exported. ``mean`` and ``std`` are non-persistent buffers, so they
@@ -131,9 +135,13 @@ class RobustClassifier(nn.Module):
         return self.spec.num_classes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.spec.channel_order == "BGR":
+            images = images.flip(1)
         normalised = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         if self.spec.library == "transformers":
-            return self.backbone(pixel_values=normalised).logits
+            # The logits come first (no loss without labels), also for PP-LCNet, which names them
+            # last_hidden_state.
+            return self.backbone(pixel_values=normalised)[0]
         return self.backbone(normalised)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -366,11 +374,11 @@ def _transformers_config(model_type: str, num_classes, image_size, fields: dict)
     return config
 
 
-def _create_transformers_from_config(config, source: str | None = None, mean=None, std=None, image_size: int | None = None) -> RobustClassifier:
+def _create_transformers_from_config(config, image_size: int | None = None) -> RobustClassifier:
     from transformers import AutoModelForImageClassification
 
     backbone = AutoModelForImageClassification.from_config(config)
-    return _wrap_transformers(backbone, source, mean, std, image_size)
+    return _wrap_transformers(backbone, None, image_size=image_size)
 
 
 def from_transformers_pretrained(name_or_path: str, num_classes: int | None, revision: str | None = None) -> RobustClassifier:
@@ -386,10 +394,9 @@ def from_transformers_pretrained(name_or_path: str, num_classes: int | None, rev
         ) from err
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
-        mean, std = processor.image_mean, processor.image_std
-    except (OSError, ValueError, AttributeError):
-        mean = std = None
-    return _wrap_transformers(backbone, name_or_path, mean, std)
+    except (OSError, ValueError):
+        processor = None
+    return _wrap_transformers(backbone, name_or_path, _processor_pixel_map(processor, name_or_path))
 
 
 def default_image_processor(model_type: str):
@@ -414,17 +421,24 @@ def default_image_processor(model_type: str):
     return None
 
 
-def _default_processor_normalisation(model_type: str):
-    """Mean and std of the model type's default image processor, if any."""
-    processor = default_image_processor(model_type)
-    return (tuple(processor.image_mean), tuple(processor.image_std)) if processor else None
+def _processor_pixel_map(processor, source: str) -> PixelMap:
+    """The colour map ``processor`` applies (see :mod:`cure_hub.preprocessing`); ImageNet's
+    normalisation when there is no processor, or one that needs more than an image."""
+    if processor is not None:
+        try:
+            return pixel_map(processor)
+        except UnsupportedProcessorError as err:
+            logger.warning("%s: %s; the model gets ImageNet-normalised RGB pixels", source, err)
+    return PixelMap(mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD))
 
 
-def _wrap_transformers(backbone: nn.Module, source: str | None, mean=None, std=None, image_size: int | None = None) -> RobustClassifier:
-    """``image_size``: the size the model is built for; convolutional configs have no field for it."""
+def _wrap_transformers(backbone: nn.Module, source: str | None, pixels: PixelMap | None = None,
+                       image_size: int | None = None) -> RobustClassifier:
+    """``pixels``: what the model's processor does to colours (the model type's default processor's
+    when ``None``); ``image_size``: the size the model is built for (convolutional configs have no
+    field for it)."""
     config = backbone.config
-    if mean is None or std is None:
-        mean, std = _default_processor_normalisation(config.model_type) or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    pixels = pixels or _processor_pixel_map(default_image_processor(config.model_type), config.model_type)
     image_size = image_size or getattr(config, "image_size", 224)
     labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
     spec = ModelSpec(
@@ -432,11 +446,12 @@ def _wrap_transformers(backbone: nn.Module, source: str | None, mean=None, std=N
         architecture=config.model_type,
         num_classes=config.num_labels,
         image_size=image_size if isinstance(image_size, int) else image_size[-1],
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
+        mean=pixels.mean,
+        std=pixels.std,
         model_args=config.to_diff_dict(),
         label_names=labels,
         source=source,
+        channel_order=pixels.channel_order,
     )
     return RobustClassifier(backbone, spec)
 

@@ -282,29 +282,102 @@ def test_exports_name_their_results_weights_and_no_local_path(runs, tmp_path, ca
     assert f"| Clean | {100 * clean:.2f} % | {100 * low:.1f}–{100 * high:.1f} % |" in card and "Wilson score interval" in card
 
 
-@pytest.mark.parametrize("model_type,fields", [
-    ("resnet", {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}),
-    ("regnet", {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "groups_width": 8}),
-    ("vit", {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}),
-])
-def test_transformers_exports_give_pipeline_the_pixels_the_model_saw(model_type, fields, tmp_path):
-    """AutoImageProcessor + model on a PIL image equal RobustClassifier on its [0, 1] tensor, and
-    pipeline() runs: ResNet and RegNet processors take a shortest edge, not a height and width."""
+#: One small configuration per transformers family with processor options of its own.
+PROCESSOR_FAMILIES = {
+    "resnet": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]},  # shortest_edge, crop_pct
+    "regnet": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "groups_width": 8},
+    "convnext": {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2},
+    "vit": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+    "mobilevit": {"hidden_sizes": [16, 16, 16], "neck_hidden_sizes": [8, 8, 16, 16, 16, 16, 32],  # BGR, no normalisation
+                  "num_attention_heads": 2},
+    "efficientnet": {"width_coefficient": 0.1, "depth_coefficient": 0.1, "hidden_dim": 128},  # std applied twice
+    "swin": {"embed_dim": 8, "depths": [1, 1], "num_heads": [1, 1], "window_size": 4},
+    "dinov2": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "mlp_ratio": 2},
+    "beit": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+}
+
+
+def _sensitive(model):
+    """``model`` with a head of unit-variance weights, and batch norms with unit scales and the
+    statistics of its own activations (transformers starts MobileViT and EfficientNet from a zero
+    head, and EfficientNet from batch-norm scales of 0.02, which fade activations to 1e-45 and
+    would hide any input), checked to see the channel order and the scale."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in model.classifier_parameter_names():
+                parameter.normal_(generator=torch.Generator().manual_seed(0))
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_parameters()
+                module.momentum = None  # a plain average over the batches below
+        model.train()(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+        model.eval()
+        pixels = _image_and_pixels()[1]
+        logits = model(pixels)
+        assert (logits - model(pixels.flip(1))).abs().max() > 1e-3 and (logits - model(pixels / 2)).abs().max() > 1e-3
+    return model
+
+
+def _image_and_pixels(size=32):
     import numpy as np
     from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return image, torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)[None]
+
+
+@pytest.mark.parametrize("model_type", PROCESSOR_FAMILIES)
+def test_transformers_exports_give_pipeline_the_pixels_the_model_saw(model_type, tmp_path):
+    """AutoImageProcessor + model on a PIL image equal RobustClassifier on its [0, 1] tensor, and
+    pipeline() runs: ResNet and RegNet processors take a shortest edge, not a height and width;
+    MobileViT's reverses the channels; EfficientNet's divides by the std twice unless told not to."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
     from cure_hub import create_model
     from cure_hub.hub import save_pretrained
 
-    model = create_model(model_type, num_classes=3, image_size=32, **fields).eval()
+    model = _sensitive(create_model(model_type, num_classes=3, image_size=32, **PROCESSOR_FAMILIES[model_type]).eval())
     assert model.spec.image_size == 32
     save_pretrained(model, tmp_path / "export")
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)[None]
+    image, pixels = _image_and_pixels()
     processor = AutoImageProcessor.from_pretrained(tmp_path / "export")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**processor(image, return_tensors="pt")).logits, model(pixels), rtol=1e-4, atol=1e-5)
     predictions = pipeline("image-classification", model=str(tmp_path / "export"))(image)
     assert len(predictions) == 3
+
+
+@pytest.mark.parametrize("model_type", ["mobilevit", "efficientnet", "pp_lcnet"])
+def test_a_checkpoint_is_fine_tuned_on_the_pixels_its_own_processor_gives(model_type, tmp_path):
+    """A transformers checkpoint saved with its model type's processor (as on the Hub): the
+    RobustClassifier built from it feeds the backbone what that processor would, channel order,
+    rescaling and normalisation included."""
+    from transformers import AutoModelForImageClassification
+
+    from cure_hub import create_model
+    from cure_hub.models import default_image_processor
+
+    fields = PROCESSOR_FAMILIES.get(model_type, {})
+    tiny = _sensitive(create_model(model_type, num_classes=3, image_size=32, **fields).eval())
+    tiny.backbone.save_pretrained(tmp_path / "checkpoint")
+    processor = default_image_processor(model_type)
+    processor.do_resize = processor.do_center_crop = False  # compare on the 32-px image itself
+    processor.save_pretrained(tmp_path / "checkpoint")
+    model = create_model(str(tmp_path / "checkpoint")).eval()
+    backbone = AutoModelForImageClassification.from_pretrained(tmp_path / "checkpoint").eval()
+    image, pixels = _image_and_pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), backbone(**processor(image, return_tensors="pt"))[0], rtol=1e-4, atol=1e-5)
+
+
+def test_an_export_whose_pixels_no_processor_can_give_is_refused(tmp_path):
+    import dataclasses
+
+    from cure_hub import RobustClassifier, create_model
+    from cure_hub.hub import ExportError, save_pretrained
+
+    vit = create_model("vit", num_classes=3, image_size=32, **PROCESSOR_FAMILIES["vit"])
+    reversed_vit = RobustClassifier(vit.backbone, dataclasses.replace(vit.spec, channel_order="BGR"))  # ViT's processor cannot flip
+    with pytest.raises(ExportError, match="pipeline\\(\\) would feed it the wrong input"):
+        save_pretrained(reversed_vit, tmp_path / "export")

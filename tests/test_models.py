@@ -84,6 +84,13 @@ def test_transformers_config_json_path(tmp_path):
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
 
 
+def test_aliases_shadow_no_library_name():
+    from cure_hub.models import MODEL_ALIASES, _transformers_model_types
+
+    assert not [alias for alias in MODEL_ALIASES if timm.is_model(alias) or alias in _transformers_model_types()]
+    assert cure_hub.create_model("convnext", num_classes=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2).spec.library == "transformers"
+
+
 def test_cifar_architectures_are_in_timms_registry():
     for name in ("cifar_resnet18", "cifar_preactresnet18", "cifar_wrn34_10"):
         assert timm.is_model(name)
