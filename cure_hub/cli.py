@@ -16,11 +16,14 @@ from .config import WEIGHT_CHOICES
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .models import known_model_names
+    from .models import describe_model_name, known_model_names
 
     names = [n for n in known_model_names() if fnmatch.fnmatch(n, args.pattern)]
     try:
-        print("\n".join(names) if names else f"no model matches {args.pattern!r}", flush=True)
+        if not names:
+            print(f"no model matches {args.pattern!r}", flush=True)
+        for name in names:  # one line at a time: counting parameters takes a moment a name
+            print(name if args.names_only else describe_model_name(name), flush=True)
     except BrokenPipeError:  # the reader stopped early (`cure-hub models | head`): Python's documented remedy
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if names else 1
@@ -316,6 +319,8 @@ def build_parser() -> ArgumentParser:
     push.set_defaults(run=_push)
     models = commands.add_parser("models", help="List the model names create_model accepts.")
     models.add_argument("pattern", nargs="?", default="*", help="Shell-style filter, e.g. 'vit_*'.")
+    models.add_argument("--names-only", action="store_true",
+                        help="Only the names (instant), without each one's library and parameter count.")
     models.set_defaults(run=_models)
     return parser
 

@@ -132,6 +132,11 @@ def save_pretrained(model: RobustClassifier, folder: str | os.PathLike) -> None:
         _image_processor(spec).save_pretrained(folder)
 
 
+#: Fields of timm's pretrained config that describe the base checkpoint, not the export.
+BASE_CHECKPOINT_FIELDS = ("license", "tag", "hf_hub_id", "hf_hub_filename", "url", "file", "origin_url", "paper_ids",
+                          "paper_name", "notes")
+
+
 def _save_timm(model: RobustClassifier, folder: Path) -> None:
     from huggingface_hub import save_torch_state_dict
     from timm.models._hub import save_config_for_hf
@@ -141,8 +146,11 @@ def _save_timm(model: RobustClassifier, folder: Path) -> None:
     config_file = folder / "config.json"
     save_config_for_hf(model.backbone, config_file, model_config={"label_names": list(spec.label_names or [])}, data_config=data_config)
     config = _read_json(config_file)
-    # transformers' timm wrapper passes num_classes itself and fails on a second one in model_args.
-    config.get("model_args", {}).pop("num_classes", None)
+    # timm keeps only the arguments its model records (drop_path_rate is lost); transformers' timm
+    # wrapper passes num_classes itself and fails on a second one in model_args.
+    config["model_args"] = {k: v for k, v in {**config.get("model_args", {}), **spec.model_args}.items() if k != "num_classes"}
+    for field in BASE_CHECKPOINT_FIELDS:  # the base checkpoint's, not this model's (the card has its own)
+        config["pretrained_cfg"].pop(field, None)
     config["label_names"] = list(spec.label_names or [str(i) for i in range(spec.num_classes)])
     config_file.write_text(json.dumps(config, indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
@@ -310,7 +318,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         card_data,
         template_path=str(_card_template()),
         model_name=name,
-        repo_id=repo_id or "OWNER/NAME",
+        repo_id=repo_id or f"<your-username>/{name}",  # `cure-hub push` renders the card again with the real id
         architecture=spec.architecture,
         architecture_description=f"`{spec.architecture}` ({spec.library}, {spec.num_classes} classes)",
         method_title={"cure": "CURE (Conserve-Update-Revise, ICLR 2024)", "trades": "TRADES", "mart": "MART",
@@ -425,7 +433,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
                                         "interpolation": interpolation})
         (staging / "training_config.json").write_text(json.dumps(training, indent=2))
         (staging / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, config), indent=2))
-        model_card(staging, repo_id, name=out.name).save(staging / "README.md")
+        # The run's own export is called "export": the card takes the run's name instead.
+        model_card(staging, repo_id, name=run.resolve().name if out.name == "export" else out.name).save(staging / "README.md")
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

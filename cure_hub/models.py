@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,28 @@ def known_model_names() -> list[str]:
     return sorted(set(timm.list_models()) | set(MODEL_ALIASES) | set(_transformers_model_types()))
 
 
+def describe_model_name(name: str) -> str:
+    """``name``'s library (and what an alias stands for) and its parameter count, counted on the
+    meta device (no memory): ``vit_small: timm, alias of vit_small_patch16_224, 22.1M parameters``."""
+    if name in MODEL_ALIASES:
+        library, built = f"timm, alias of {MODEL_ALIASES[name]}", MODEL_ALIASES[name]
+    else:
+        library, built = ("timm" if timm.is_model(name) else "transformers"), name
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if timm.is_model(built):
+                model = timm.create_model(built)
+            else:
+                from transformers import AutoModelForImageClassification
+
+                model = AutoModelForImageClassification.from_config(_transformers_config(built, None, None, {}))
+        size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+    except Exception:  # a model type that needs an extra package; the name is still worth listing
+        size = "parameters unknown (cannot be built here)"
+    return f"{name}: {library}, {size}"
+
+
 def _transformers_model_types() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
@@ -328,23 +351,16 @@ def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs)
     model_args = dict(kwargs)
     if num_classes is not None:
         model_args["num_classes"] = num_classes
-    if image_size is not None and image_size != default_size:
-        with torch.device("meta"):
-            probe = timm.create_model(arch, **model_args)
-        if hasattr(probe, "patch_embed"):
-            default_patch = probe.patch_embed.patch_size[0]
-            patch = model_args.setdefault("patch_size", choose_patch_size(image_size, default_patch))
-            if not (isinstance(patch, int) and 0 < patch <= image_size and image_size % patch == 0):
-                raise InputError(
-                    f"patch_size={patch!r} does not tile {image_size}x{image_size} images: pass --model-kwargs patch_size=N "
-                    f"with N dividing {image_size}, or leave it out to get {choose_patch_size(image_size, default_patch)}"
-                )
-            model_args["img_size"] = image_size
-            logger.info(
-                "%s built for %dx%d images: patch size %d, %d tokens, position embeddings for a %dx%d grid",
-                arch, image_size, image_size, patch, (image_size // patch) ** 2, image_size // patch, image_size // patch,
-            )
+    if "img_size" in model_args:
+        explicit = model_args["img_size"]
+        if image_size is not None and explicit != image_size:
+            raise InputError(f"--model-kwargs img_size={explicit} contradicts the image size {image_size}: give one of them")
+        image_size = explicit if isinstance(explicit, int) else explicit[-1]
+    elif image_size is not None and image_size != default_size:
+        model_args = _sized_timm_arguments(arch, image_size, model_args)
     backbone = timm.create_model(arch, pretrained=pretrained, **model_args)
+    if not hasattr(backbone, "get_classifier"):
+        raise UnknownModelError(f"{arch!r} is an image encoder without a classifier in timm: choose a classification architecture")
     cfg = backbone.pretrained_cfg
     spec = ModelSpec(
         library="timm",
@@ -360,23 +376,108 @@ def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs)
     return RobustClassifier(backbone, spec)
 
 
+def _sized_timm_arguments(arch: str, image_size: int, model_args: dict) -> dict:
+    """``model_args`` plus what builds ``arch`` for ``image_size`` inputs, as far as the model takes
+    it: a smaller patch (:func:`choose_patch_size`) and ``img_size`` for a ViT-like model,
+    ``img_size`` alone when the patch cannot change, nothing for a model that takes no image size
+    (most convolutional networks take any). The first of these that builds and classifies such
+    images on the meta device (no memory, no arithmetic) wins; when none does, a one-line error.
+    Trying beats reading signatures: many timm classes take ``**kwargs`` and pass them on."""
+    with torch.device("meta"):
+        probe = timm.create_model(arch, **model_args)
+    patch_embed = next((module for name, module in probe.named_modules() if name.rpartition(".")[2] == "patch_embed"), None)
+    patch_size = getattr(patch_embed, "patch_size", None)  # also where a wrapper keeps it (DeepSeek's encoder)
+    default_patch = patch_size if isinstance(patch_size, int) else (patch_size[0] if patch_size else None)
+    candidates = []  # (arguments, what the log says about them); one the constructor does not take fails to build
+    if default_patch is not None:
+        patch = model_args.get("patch_size", choose_patch_size(image_size, default_patch))
+        if not (isinstance(patch, int) and 0 < patch <= image_size and image_size % patch == 0):
+            raise InputError(
+                f"patch_size={patch!r} does not tile {image_size}x{image_size} images: pass --model-kwargs patch_size=N "
+                f"with N dividing {image_size}, or leave it out to get {choose_patch_size(image_size, default_patch)}"
+            )
+        grid = image_size // patch
+        candidates.append(({**model_args, "img_size": image_size, "patch_size": patch},
+                           f"patch size {patch}, {grid * grid} tokens, position embeddings for a {grid}x{grid} grid"))
+    if "patch_size" not in model_args:
+        candidates.append(({**model_args, "img_size": image_size}, "its own patch size"))
+    candidates.append((model_args, "as timm builds it"))
+    for sized, description in candidates:
+        if (failure := _meta_failure(lambda: timm.create_model(arch, **sized), nn.Module.__call__, image_size)) is None:
+            logger.info("%s built for %dx%d images: %s", arch, image_size, image_size, description)
+            return sized
+    raise InputError(  # the failure of timm's own build, the last candidate, which says most
+        f"{arch} cannot classify {image_size}x{image_size} images ({failure}): train it at a size it takes "
+        "(--image-size, e.g. its default), or set its size with --model-kwargs (img_size=..., patch_size=...)"
+    )
+
+
+def _meta_failure(build, forward, image_size: int) -> str | None:
+    """Why the model ``build()`` returns fails on a batch of ``image_size`` images (``forward(model,
+    images)`` gives its logits), tried on the meta device; ``None`` when it does not, or when an
+    operation has no meta kernel to tell."""
+    try:
+        with torch.device("meta"):
+            logits = forward(build().eval(), torch.zeros(1, 3, image_size, image_size))
+    except NotImplementedError:
+        return None
+    except ImportError as err:  # transformers names the missing package over several lines
+        return f"{type(err).__name__}: {' '.join(str(err).split())}"
+    except Exception as err:  # each architecture fails in its own way: shapes, asserts, even a raised string
+        if "meta tensor" in str(err):  # a value-dependent operation (.item()): the meta device cannot tell
+            return None
+        first_line = next((line for line in str(err).splitlines() if line.strip()), "no message")
+        return f"{type(err).__name__}: {first_line}"
+    return None if logits.dim() == 2 else f"its output has shape {tuple(logits.shape)}"
+
+
 def _transformers_config(model_type: str, num_classes, image_size, fields: dict):
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     config = AutoConfig.for_model(model_type, **fields)
     if num_classes is not None:
         config.num_labels = num_classes
-    if image_size is not None and hasattr(config, "image_size"):
-        if hasattr(config, "patch_size") and "patch_size" not in fields:
-            config.patch_size = choose_patch_size(image_size, config.patch_size)
-            logger.info("%s built for %dx%d images: patch size %d", model_type, image_size, image_size, config.patch_size)
-        config.image_size = image_size
+    if not config.architectures:  # the Auto class reads it to choose between DeiT's (LeViT's...) two classifiers
+        classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
+        config.architectures = [classes if isinstance(classes, str) else classes[0]]
+    vision = _vision_config(config)
+    if image_size is not None and hasattr(vision, "image_size"):
+        if isinstance(getattr(vision, "patch_size", None), int) and "patch_size" not in fields:
+            vision.patch_size = choose_patch_size(image_size, vision.patch_size)
+            logger.info("%s built for %dx%d images: patch size %d", model_type, image_size, image_size, vision.patch_size)
+        vision.image_size = image_size if isinstance(vision.image_size, int) else [image_size, image_size]  # Hiera: a pair
     return config
 
 
+def _image_side(size) -> int | None:
+    """A config's image size, an int or a (height, width) pair, as one side."""
+    return size if size is None or isinstance(size, int) else size[-1]
+
+
+def _vision_config(config):
+    """Where a transformers config keeps its image fields: its ``vision_config`` (CLIP, SigLIP) or itself."""
+    return getattr(config, "vision_config", None) or config
+
+
+#: transformers config fields that decide which image sizes a model takes.
+SIZE_FIELDS = ("image_size", "patch_size", "window_size", "patch_stride", "mask_unit_size")
+
+
 def _create_transformers_from_config(config, image_size: int | None = None) -> RobustClassifier:
+    """Built once on the meta device and fed a batch first: a model type that cannot be built here,
+    or not for this size, is a one-line error rather than a crash at the first training step."""
     from transformers import AutoModelForImageClassification
 
+    size = image_size or _image_side(getattr(_vision_config(config), "image_size", None)) or 224
+    failure = _meta_failure(lambda: AutoModelForImageClassification.from_config(config),
+                            lambda model, images: model(pixel_values=images)[0], size)
+    if failure is not None:
+        fields = [f"{field}={getattr(_vision_config(config), field)}" for field in SIZE_FIELDS if hasattr(_vision_config(config), field)]
+        raise InputError(
+            f"transformers {config.model_type} cannot classify {size}x{size} images ({failure})"
+            + (f": set its size with --model-kwargs (now {', '.join(fields)})" if fields else "")
+        )
     backbone = AutoModelForImageClassification.from_config(config)
     return _wrap_transformers(backbone, None, image_size=image_size)
 
@@ -439,13 +540,13 @@ def _wrap_transformers(backbone: nn.Module, source: str | None, pixels: PixelMap
     field for it)."""
     config = backbone.config
     pixels = pixels or _processor_pixel_map(default_image_processor(config.model_type), config.model_type)
-    image_size = image_size or getattr(config, "image_size", 224)
+    image_size = image_size or _image_side(getattr(_vision_config(config), "image_size", None)) or 224
     labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
     spec = ModelSpec(
         library="transformers",
         architecture=config.model_type,
         num_classes=config.num_labels,
-        image_size=image_size if isinstance(image_size, int) else image_size[-1],
+        image_size=image_size,
         mean=pixels.mean,
         std=pixels.std,
         model_args=config.to_diff_dict(),

@@ -71,14 +71,14 @@ def _centre_pixel(processor, rgb: tuple[int, ...]) -> np.ndarray:
     from PIL import Image
 
     image = Image.fromarray(np.full((64, 64, 3), rgb, dtype=np.uint8))
-    try:
-        pixels = processor(image, return_tensors="pt")["pixel_values"]
-    except Exception as err:  # processors that need more than an image (colour clusters, patches)
-        raise UnsupportedProcessorError(f"{type(processor).__name__} cannot process an RGB image alone: {err}") from None
-    pixels = torch.as_tensor(pixels)[0]
-    if pixels.dim() != 3 or pixels.shape[0] != 3:
-        raise UnsupportedProcessorError(f"{type(processor).__name__} returns pixel values of shape {tuple(pixels.shape)}")
-    return pixels[:, pixels.shape[1] // 2, pixels.shape[2] // 2].double().numpy()
+    with torch.device("cpu"):  # the model may be being built on the meta device
+        try:
+            pixels = torch.as_tensor(processor(image, return_tensors="pt")["pixel_values"])[0]
+        except Exception as err:  # processors that need more than an image (colour clusters, patches)
+            raise UnsupportedProcessorError(f"{type(processor).__name__} cannot process an RGB image alone: {err}") from None
+        if pixels.dim() != 3 or pixels.shape[0] != 3:
+            raise UnsupportedProcessorError(f"{type(processor).__name__} returns pixel values of shape {tuple(pixels.shape)}")
+        return pixels[:, pixels.shape[1] // 2, pixels.shape[2] // 2].double().numpy()
 
 
 def processor_applying(processor, target: PixelMap, image_size: int):

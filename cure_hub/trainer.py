@@ -252,7 +252,8 @@ class Trainer:
         model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
         if config.method.method == "cure" and config.method.use_rgp:  # a head that cannot be found fails now, not after the warm-up
             masked_parameter_names(model, config.method.mask_scope, config.method.mask_include, config.method.mask_exclude)
-        if config.method.method == "cure" and not (config.model.init_from or config.model.pretrained or config.optim.warmup_epochs):
+        natural_start = config.model.init_from or loads_pretrained_weights(config.model.model, config.model.pretrained)
+        if config.method.method == "cure" and not (natural_start or config.optim.warmup_epochs):
             logger.warning(
                 "CURE from random weights: the method assumes a naturally trained start. Pass "
                 "--init-from (a natural model), --pretrained, or --warmup-epochs N (CURE-Eff)."

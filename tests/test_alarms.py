@@ -42,5 +42,6 @@ def test_alarms_and_the_best_last_gap_reach_the_card(natural_run, tmp_path):
                    stopped_by_alarm=True, best_pgd_accuracy=0.45, final_eval={"eval/clean_acc": 0.8, "eval/pgd20_acc": 0.4})
     (run / "summary.json").write_text(json.dumps(summary))
     card = (export_run(run, tmp_path / "export") / "README.md").read_text()
+    assert "\n# run\n" in card and 'load_robust_model("<your-username>/run")' in card  # the run's name, not "export"
     assert "best 45.00 %, last 40.00 % (this model holds the last weights)" in card
     assert "Training-health alarms (the run was stopped by one):\n  - robust overfitting: PGD accuracy 0.4000" in card

@@ -381,3 +381,15 @@ def test_an_export_whose_pixels_no_processor_can_give_is_refused(tmp_path):
     reversed_vit = RobustClassifier(vit.backbone, dataclasses.replace(vit.spec, channel_order="BGR"))  # ViT's processor cannot flip
     with pytest.raises(ExportError, match="pipeline\\(\\) would feed it the wrong input"):
         save_pretrained(reversed_vit, tmp_path / "export")
+
+
+def test_timm_export_keeps_every_build_argument_and_none_of_the_base_checkpoints_metadata(tmp_path):
+    from cure_hub import create_model, load_robust_model
+    from cure_hub.hub import save_pretrained
+
+    model = create_model("vit_tiny", num_classes=3, image_size=32, depth=2, drop_path_rate=0.1)
+    save_pretrained(model, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_args"]["drop_path_rate"] == 0.1 and "num_classes" not in config["model_args"]
+    assert not {"license", "tag", "hf_hub_id"} & set(config["pretrained_cfg"])  # vit_tiny's are augreg's, Apache-2.0
+    assert load_robust_model(tmp_path / "export").spec.model_args.items() >= model.spec.model_args.items()

@@ -74,6 +74,23 @@ def test_vit_on_small_images_uses_patch_4_and_an_8x8_grid():
     assert [choose_patch_size(s, 16) for s in (32, 64, 96, 224, 8)] == [4, 8, 12, 16, 1]
 
 
+def test_other_sizes_are_adapted_as_far_as_each_model_takes_them():
+    """A patch and img_size for a ViT; img_size alone for XCiT, whose convolutional patch embedding
+    takes only 8 or 16; nothing for a ResNet; a one-line error for Inception, which 32-px images
+    do not fit; an explicit img_size as given, and refused when it contradicts the image size."""
+    from cure_hub.config import InputError
+
+    assert cure_hub.create_model("xcit_nano_12_p16_224", num_classes=3, image_size=32, depth=1).spec.model_args == {
+        "depth": 1, "img_size": 32}
+    assert cure_hub.create_model("resnet18", num_classes=3, image_size=32).spec.model_args == {}
+    with pytest.raises(InputError, match=r"inception_v3 cannot classify 32x32 images \(RuntimeError: .*--image-size"):
+        cure_hub.create_model("inception_v3", num_classes=3, image_size=32)
+    explicit = cure_hub.create_model("vit_tiny", num_classes=3, img_size=64, depth=1)
+    assert explicit.spec.image_size == 64 and explicit.spec.model_args["img_size"] == 64
+    with pytest.raises(InputError, match="img_size=64 contradicts the image size 32"):
+        cure_hub.create_model("vit_tiny", num_classes=3, image_size=32, img_size=64)
+
+
 def test_transformers_config_json_path(tmp_path):
     from transformers import ViTConfig
 
@@ -89,6 +106,18 @@ def test_aliases_shadow_no_library_name():
 
     assert not [alias for alias in MODEL_ALIASES if timm.is_model(alias) or alias in _transformers_model_types()]
     assert cure_hub.create_model("convnext", num_classes=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2).spec.library == "transformers"
+
+
+def test_model_list_says_library_alias_and_size(capsys):
+    from cure_hub.cli import main as cli_main
+
+    assert cli_main(["models", "vit_small*_224"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "vit_small_patch16_224: timm, 22.1M parameters" in lines
+    assert cli_main(["models", "vit_small"]) == 0
+    assert capsys.readouterr().out == "vit_small: timm, alias of vit_small_patch16_224, 22.1M parameters\n"
+    assert cli_main(["models", "convnext"]) == 0
+    assert capsys.readouterr().out == "convnext: transformers, 27.8M parameters\n"
 
 
 def test_cifar_architectures_are_in_timms_registry():

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import subprocess
@@ -253,3 +254,27 @@ def test_bad_recipe_keys_are_named(tmp_path):
         parse_train_config(["--recipe", str(recipe)])
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['percentage'\] in section 'method'"):
         TrainConfig.from_yaml(str(recipe))
+
+
+def test_cure_warns_of_random_weights_only_when_they_are_random(tmp_path, caplog):
+    """A transformers folder with weights is a trained start: no "random weights" warning; the
+    model type it was built from, from scratch, gets one."""
+    from cure_hub import create_model
+
+    folder = tmp_path / "resnet"
+    create_model("resnet", num_classes=10, image_size=8, embedding_size=8, hidden_sizes=[8], depths=[1]).backbone.save_pretrained(folder)
+    for model, kwargs, warned in ((str(folder), {}, False),
+                                  ("resnet", {"embedding_size": 8, "hidden_sizes": [8], "depths": [1]}, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cure_hub"):
+            Trainer(tiny_config(tmp_path / f"run-{warned}", model={"model": model, "model_kwargs": kwargs},
+                                optim={"max_steps": 1})).train()
+        assert ("CURE from random weights" in caplog.text) is warned, model
+
+
+def test_overwrite_output_dir_starts_the_logs_afresh(tmp_path):
+    config = tiny_config(tmp_path / "run", optim={"max_steps": 2}, run={"overwrite_output_dir": True})
+    Trainer(config).train()
+    first = (tmp_path / "run" / "metrics.jsonl").read_text()
+    Trainer(config).train()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == first.count("\n")
