@@ -91,17 +91,16 @@ def _eval(args: argparse.Namespace) -> int:
         raise InputError("--plots draws from the results file: pass --output FILE.json too")
     if args.resume and not args.output:
         raise InputError("--resume continues the evaluation that writes --output FILE: pass its --output")
+    model = None if args.checkpoint else load_robust_model(args.model, weights=args.weights)  # first: it has its crop
     data_config = DataConfig(dataset=args.dataset, eval_split=args.split, eval_split_fraction=args.eval_split_fraction,
                              image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
-                             subset_seed=args.seed)
+                             crop_pct=args.crop_pct or (model.spec.crop_pct if model else None), subset_seed=args.seed)
     dataset, split, class_names, split_size, split_indices = load_eval_split(data_config, args.n_examples)
     corrupted_copy = CorruptedCopy(args.corruptions_dataset, corruptions, suite.severities, split_size) if corruptions else None
     image_size = dataset[0]["image"].shape[-1]
     if args.checkpoint:
         model = create_model(args.model, num_classes=len(class_names), image_size=image_size,
                              checkpoint=args.checkpoint, **dict(args.model_kwargs or []))
-    else:
-        model = load_robust_model(args.model, weights=args.weights)
     check_model_fits_data(model.spec, image_size, class_names)
     device = args.device or processes.device
     logger = logging.getLogger("cure_hub")
@@ -121,7 +120,7 @@ def _eval(args: argparse.Namespace) -> int:
     state = None
     if args.output:
         fingerprint = {**identity, "weights_sha256": weights_digest(model), "n_examples": len(dataset),
-                       "subset_seed": args.seed, "image_size": image_size, "batch_size": args.batch_size,
+                       "subset_seed": args.seed, "image_size": image_size, "crop_pct": data_config.crop_pct, "batch_size": args.batch_size,
                        "corruptions_dataset": args.corruptions_dataset,
                        **dataclasses.asdict(suite)}
         state = EvaluationState(state_folder_for(args.output), fingerprint)
@@ -254,6 +253,9 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--image-column")
     evaluate.add_argument("--label-column")
     evaluate.add_argument("--image-size", type=int, help="Resize images to this size.")
+    evaluate.add_argument("--crop-pct", type=float,
+                          help="Centre crop of images larger than the image size (timm's crop_pct; default: the model's own, "
+                               "recorded by its training run or timm config; 1.0 for --checkpoint).")
     evaluate.add_argument("--attacks", default="clean,pgd20,pgd100,cw", help="Comma-separated: " + ", ".join(
         ["clean", "pgd20", "pgd100", "cw", "apgd-ce", "aa", "aa-rand"]) + ".")
     evaluate.add_argument("--epsilon", type=_epsilon, default=8 / 255, help="Radius, e.g. 8/255 (default) or 0.5.")

@@ -115,6 +115,12 @@ class DataConfig:
     image_size: int | None = dataclasses.field(
         default=None, metadata={"help": "Resize images to this square size (default: keep them as they are)."}
     )
+    crop_pct: float | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Evaluation centre crop: images larger than image_size are resized to a shortest edge of "
+                          "image_size / crop_pct and centre-cropped (timm's crop_pct; training keeps the largest centred "
+                          "square). Default: the pretrained checkpoint's, else 1.0. Smaller images are resized whole."},
+    )
     train_subset: int | None = dataclasses.field(
         default=None, metadata={"help": "Train on a class-balanced subset of this many examples."}
     )
@@ -136,6 +142,7 @@ class DataConfig:
             _check(value is None or value > 0, f"{name} must be positive, got {value}")
         fraction = self.eval_split_fraction
         _check(fraction is None or 0 < fraction < 1, f"eval_split_fraction must be in (0, 1), got {fraction}")
+        _check(self.crop_pct is None or 0 < self.crop_pct <= 1, f"crop_pct must be in (0, 1], got {self.crop_pct}")
         _check(fraction is None or self.eval_split is None,
                "eval_split_fraction makes the evaluation split ('held_out'); do not name an eval_split as well")
 

@@ -194,9 +194,10 @@ def load_data(config: DataConfig) -> ImageClassificationData:
     train_name, eval_name = choose_splits(list(splits), config.train_split, config.eval_split or _held_out(config))
     image_col, label_col = detect_columns(splits[train_name].features, config.image_column, config.label_column)
     class_names = _class_names(splits[train_name], label_col)
-    transform = _ToTensors(image_col, label_col, config.image_size)
     prepared = {}
-    for split, subset, flag in ((train_name, config.train_subset, "--train-subset"), (eval_name, config.eval_subset, "--eval-subset")):
+    for split, subset, flag, crop_pct in ((train_name, config.train_subset, "--train-subset", 1.0),  # augmentation crops later
+                                          (eval_name, config.eval_subset, "--eval-subset", config.crop_pct or 1.0)):
+        transform = _ToTensors(image_col, label_col, config.image_size, crop_pct)
         prepared[split], _ = _prepare_split(splits[split], split, label_col, len(class_names), subset, flag, config.subset_seed, transform)
     train = prepared[train_name]
     if config.image_size is None:
@@ -228,7 +229,7 @@ def load_eval_split(config: DataConfig, n_examples: int | None = None) -> EvalSp
     if split not in splits:
         raise InputError(f"no evaluation split {split!r}; the dataset's splits are {list(splits)} (set --split)")
     image_col, label_col = detect_columns(splits[split].features, config.image_column, config.label_column)
-    transform = _ToTensors(image_col, label_col, config.image_size)
+    transform = _ToTensors(image_col, label_col, config.image_size, config.crop_pct or 1.0)
     class_names = _class_names(splits[split], label_col)
     dataset, indices = _prepare_split(splits[split], split, label_col, len(class_names), n_examples, "--n-examples", config.subset_seed, transform)
     if config.image_size is None:
@@ -311,17 +312,27 @@ def _check_one_image_size(dataset, split: str, sample: int = 32) -> None:
 
 
 class _ToTensors:
-    """Batched transform: images to uint8 CHW RGB tensors (resized when asked), labels to ints."""
+    """Batched transform: images to uint8 CHW RGB tensors of ``image_size`` (when given), labels to
+    ints. An image larger than ``image_size`` is resized to a shortest edge of ``image_size /
+    crop_pct`` and centre-cropped, as timm's and transformers' evaluation transforms do; a smaller
+    one (CIFAR's 32 px for a 224-px model) is resized whole: it has no border to spare."""
 
-    def __init__(self, image_column: str, label_column: str, image_size: int | None):
-        self.image_column, self.label_column, self.image_size = image_column, label_column, image_size
+    def __init__(self, image_column: str, label_column: str, image_size: int | None, crop_pct: float = 1.0):
+        self.image_column, self.label_column = image_column, label_column
+        self.image_size, self.crop_pct = image_size, crop_pct
 
     def __call__(self, batch: dict) -> dict:
         images = []
         for img in batch[self.image_column]:
             img = img.convert("RGB")
-            if self.image_size and img.size != (self.image_size, self.image_size):
-                img = img.resize((self.image_size, self.image_size), resample=2)  # bilinear
+            size = self.image_size
+            if size and min(img.size) > size:
+                scale = size / self.crop_pct / min(img.size)
+                img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), resample=2)
+                left, top = (img.width - size) // 2, (img.height - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+            elif size and img.size != (size, size):
+                img = img.resize((size, size), resample=2)  # bilinear
             images.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
         return {"image": images, "label": list(batch[self.label_column])}
 

@@ -101,6 +101,7 @@ def _load_export(location: str, config: dict, local: bool, revision: str | None,
             image_size=int(cfg["input_size"][-1]),
             mean=tuple(cfg["mean"]),
             std=tuple(cfg["std"]),
+            crop_pct=float(cfg.get("crop_pct", 1.0)),
             model_args=dict(config.get("model_args", {})),
             label_names=config.get("label_names"),
             source=None if local else location,
@@ -142,7 +143,8 @@ def _save_timm(model: RobustClassifier, folder: Path) -> None:
     from timm.models._hub import save_config_for_hf
 
     spec = model.spec
-    data_config = {"input_size": (3, spec.image_size, spec.image_size), "mean": tuple(spec.mean), "std": tuple(spec.std), "crop_pct": 1.0}
+    data_config = {"input_size": (3, spec.image_size, spec.image_size), "mean": tuple(spec.mean), "std": tuple(spec.std),
+                   "crop_pct": spec.crop_pct, "crop_mode": "center"}
     config_file = folder / "config.json"
     save_config_for_hf(model.backbone, config_file, model_config={"label_names": list(spec.label_names or [])}, data_config=data_config)
     config = _read_json(config_file)

@@ -93,6 +93,8 @@ class ModelSpec:
         source: where the starting weights came from (a Hub id or path), if anywhere.
         channel_order: ``"RGB"``, or ``"BGR"`` for backbones trained on reversed channels (as
             MobileViT's processor gives them); inputs are always RGB.
+        crop_pct: share of the shortest edge the evaluation centre crop keeps when images are
+            larger than ``image_size`` (timm's ``crop_pct``; 1.0 keeps the largest centred square).
     """
 
     library: str
@@ -105,6 +107,7 @@ class ModelSpec:
     label_names: list[str] | None = None
     source: str | None = None
     channel_order: str = "RGB"
+    crop_pct: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -286,24 +289,39 @@ def create_model(
     return model
 
 
-def pretrained_input_size(name: str) -> int | None:
-    """The image size a pretrained checkpoint was trained at: from timm's pretrained config (an
-    architecture, an alias, an ``hf-hub:`` repository) or a transformers checkpoint's config or
-    image processor (a Hub id or folder); ``None`` when it does not say."""
+def pretrained_preprocessing(name: str) -> tuple[int | None, float]:
+    """The image size a pretrained checkpoint was trained at (``None`` when it does not say) and
+    the share of the shortest edge its evaluation centre crop keeps (1.0 when it does not say):
+    from timm's pretrained config (an architecture, an alias, an ``hf-hub:`` repository) or a
+    transformers checkpoint's config and image processor (a Hub id or folder)."""
     if _is_timm_name(name):
-        return _timm_pretrained_config(MODEL_ALIASES.get(name, name))[0]
+        cfg = _timm_pretrained_config(MODEL_ALIASES.get(name, name))[0]
+        return (cfg["input_size"][-1] if cfg else None), cfg.get("crop_pct", 1.0)
     if name in _transformers_model_types():
-        return None
+        return None, 1.0
     from transformers import AutoConfig, AutoImageProcessor
 
-    size = getattr(AutoConfig.from_pretrained(name), "image_size", None)
-    if size is None:
-        try:
-            processor_size = AutoImageProcessor.from_pretrained(name).size
-        except (OSError, ValueError):
-            return None
-        size = processor_size.get("height") or processor_size.get("shortest_edge")
-    return size if isinstance(size, int) else size[-1]
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):
+        processor = None
+    size = _image_side(getattr(_vision_config(AutoConfig.from_pretrained(name)), "image_size", None))
+    if size is None and processor is not None:
+        size = processor.size.get("height") or processor.size.get("shortest_edge")
+    return size, _processor_crop_pct(processor)
+
+
+def _processor_crop_pct(processor) -> float:
+    """The share of the shortest edge a transformers processor's evaluation crop keeps: its
+    ``crop_pct`` (ConvNeXt's), or its crop size over the edge it resizes to (BiT's, CLIP's)."""
+    if processor is None:
+        return 1.0
+    if getattr(processor, "crop_pct", None):
+        return float(processor.crop_pct)
+    crop, size = getattr(processor, "crop_size", None) or {}, processor.size or {}
+    if getattr(processor, "do_center_crop", False) and crop.get("height") and size.get("shortest_edge"):
+        return min(1.0, crop["height"] / size["shortest_edge"])
+    return 1.0
 
 
 def loads_pretrained_weights(name: str, pretrained: bool) -> bool:
@@ -322,16 +340,16 @@ def _is_timm_name(name: str) -> bool:
     return name in MODEL_ALIASES or timm.is_model(name) or name.startswith(TIMM_HUB_PREFIX)
 
 
-def _timm_pretrained_config(arch: str) -> tuple[int | None, str, dict]:
-    """For a timm architecture or ``hf-hub:`` repository: the input size it was pretrained at
-    (``None`` when it does not say), the architecture's name, and the repository's arguments."""
+def _timm_pretrained_config(arch: str) -> tuple[dict, str, dict]:
+    """For a timm architecture or ``hf-hub:`` repository: its pretrained config (``{}`` when it has
+    none: input size, crop_pct, mean, std...), the architecture's name, and the repository's arguments."""
     if arch.startswith(TIMM_HUB_PREFIX):
         from timm.models import load_model_config_from_hf
 
         cfg, base_arch, hub_args = load_model_config_from_hf(arch.removeprefix(TIMM_HUB_PREFIX))
-        return cfg["input_size"][-1], base_arch, hub_args or {}
+        return cfg, base_arch, hub_args or {}
     cfg = timm.models.get_pretrained_cfg(arch)
-    return (cfg.input_size[-1] if cfg else None), arch, {}
+    return (cfg.to_dict() if cfg else {}), arch, {}
 
 
 def choose_patch_size(image_size: int, default_patch: int) -> int:
@@ -346,8 +364,8 @@ def choose_patch_size(image_size: int, default_patch: int) -> int:
 def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs) -> RobustClassifier:
     """A timm architecture, or a timm-layout Hub repository (``hf-hub:owner/name``: its architecture
     and arguments, with its weights when ``pretrained``)."""
-    native_size, base_arch, hub_args = _timm_pretrained_config(arch)
-    default_size = native_size or 224
+    pretrained_cfg, base_arch, hub_args = _timm_pretrained_config(arch)
+    default_size = pretrained_cfg["input_size"][-1] if pretrained_cfg else 224
     model_args = dict(kwargs)
     if num_classes is not None:
         model_args["num_classes"] = num_classes
@@ -371,6 +389,7 @@ def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs)
         std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
         # The Hub repository's arguments too: the run rebuilds the network without the Hub.
         model_args={k: v for k, v in {**hub_args, **model_args}.items() if k != "num_classes"},
+        crop_pct=cfg.get("crop_pct", 1.0) if pretrained else 1.0,
         source=(arch.removeprefix(TIMM_HUB_PREFIX) if arch.startswith(TIMM_HUB_PREFIX) else cfg.get("hf_hub_id")) if pretrained else None,
     )
     return RobustClassifier(backbone, spec)
@@ -497,7 +516,9 @@ def from_transformers_pretrained(name_or_path: str, num_classes: int | None, rev
         processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError):
         processor = None
-    return _wrap_transformers(backbone, name_or_path, _processor_pixel_map(processor, name_or_path))
+    model = _wrap_transformers(backbone, name_or_path, _processor_pixel_map(processor, name_or_path))
+    model.spec.crop_pct = _processor_crop_pct(processor)
+    return model
 
 
 def default_image_processor(model_type: str):

@@ -58,7 +58,7 @@ from .models import (
     create_model,
     load_weights,
     loads_pretrained_weights,
-    pretrained_input_size,
+    pretrained_preprocessing,
 )
 
 logger = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ def build_model(config: TrainConfig, num_classes: int, image_size: int, label_na
                 f"pass --model {spec['architecture']}" + (f" --model-kwargs {arguments}" if arguments else "")
             ) from None
         model.spec.source = config.model.init_from
+    model.spec.crop_pct = config.data.crop_pct or 1.0  # the crop the run evaluates with, recorded in its exports
     return model
 
 
@@ -340,15 +341,19 @@ class Trainer:
 
     def _resolve_image_size(self) -> None:
         """A pretrained model is fine-tuned at the size it was pretrained at, unless --image-size
-        says otherwise: the images are resized to it (CIFAR's 32 px to a ViT's 224)."""
+        says otherwise: the images are resized to it (CIFAR's 32 px to a ViT's 224); its evaluation
+        crop is the checkpoint's, unless --crop-pct says otherwise."""
         config = self.config
-        if config.data.image_size is not None or not loads_pretrained_weights(config.model.model, config.model.pretrained):
+        if not loads_pretrained_weights(config.model.model, config.model.pretrained) or (
+                config.data.image_size is not None and config.data.crop_pct is not None):
             return
-        native = pretrained_input_size(config.model.model)
-        if native:
+        native, crop_pct = pretrained_preprocessing(config.model.model)
+        data = dataclasses.replace(config.data, crop_pct=config.data.crop_pct or crop_pct)
+        if native and config.data.image_size is None:
             logger.info("%s was pretrained on %d px images: the images are resized to %d px (--image-size to choose)",
                         config.model.model, native, native)
-            self.config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=native))
+            data = dataclasses.replace(data, image_size=native)
+        self.config = dataclasses.replace(config, data=data)
 
     def _optimizer(self, model):
         optim = self.config.optim

@@ -34,7 +34,7 @@ for repo, arch, args in (
     ("tester/tiny-convnext", "convnext_atto", {"depths": (1, 1, 1, 1), "dims": (8, 16, 24, 32)}),
 ):
     model = timm.create_model(arch, num_classes=5, **args)
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "mean": MEAN, "std": STD}
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "mean": MEAN, "std": STD, "crop_pct": 0.8}
     timm.models.push_to_hf_hub(model, repo, model_args=args, safe_serialization=True)
     save_file(model.state_dict(), f"{out}/{repo.split('/')[1]}.safetensors")
 

@@ -183,3 +183,22 @@ def test_eval_split_fraction_holds_out_a_stratified_part_of_a_lone_train_split(t
     assert split == "held_out" and all(torch.equal(dataset[i]["image"], data.eval[i]["image"]) for i in range(20))
     with pytest.raises(ValueError, match="do not name an eval_split as well"):
         DataConfig(dataset=folder, eval_split_fraction=0.25, eval_split="test")
+
+
+def test_large_images_are_resized_and_centre_cropped_small_ones_resized_whole():
+    """As timm's evaluation transform: shortest edge to size / crop_pct, then the centre; an image
+    smaller than the size (CIFAR's 32 px for a 224-px model) keeps every pixel. Deterministic."""
+    from PIL import Image
+
+    from cure_hub.data import _ToTensors
+
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))  # 100 wide, 60 high
+    small = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    transform = _ToTensors("image", "label", image_size=32, crop_pct=0.8)
+    images = transform({"image": [wide, small, wide], "label": [0, 1, 0]})["image"]
+    expected = np.array(wide.resize((67, 40), resample=2).crop((17, 4, 49, 36)))  # shortest edge 32 / 0.8 = 40
+    assert np.array_equal(images[0].permute(1, 2, 0).numpy(), expected) and torch.equal(images[0], images[2])
+    assert np.array_equal(images[1].permute(1, 2, 0).numpy(), np.array(small.resize((32, 32), resample=2)))
+    whole_square = _ToTensors("image", "label", image_size=32)({"image": [wide], "label": [0]})["image"][0]
+    assert np.array_equal(whole_square.permute(1, 2, 0).numpy(), np.array(wide.resize((53, 32), resample=2).crop((10, 0, 42, 32))))

@@ -59,6 +59,8 @@ def test_pretrained_weights_normalisation_and_size(trained, name):
     size = 64 if "--image-size" in extra else 32  # the checkpoint's own 32 px, the digits' 8 px resized to it
     assert spec["image_size"] == size and yaml.safe_load((run / "config.yaml").read_text())["data"]["image_size"] == size
     assert spec["mean"] == pytest.approx(MEAN) and spec["std"] == pytest.approx(STD)
+    crop_pct = 1.0 if name == "hf-vit" else 0.8  # the served timm configs' evaluation crop; ViT's processor has none
+    assert spec["crop_pct"] == crop_pct and yaml.safe_load((run / "config.yaml").read_text())["data"]["crop_pct"] == crop_pct
     for key in resampled:  # timm's resampling of the position embeddings to the 16x16 grid of 64 px
         assert start[key].shape[1] == 1 + (64 // 4) ** 2 and served[key].shape[1] == 1 + (32 // 4) ** 2
 
