@@ -12,7 +12,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 from .arguments import ArgumentParser, key_value, number
-from .config import WEIGHT_CHOICES
+from .config import BATCH_NORM_BATCHES, WEIGHT_CHOICES
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -289,7 +289,8 @@ def build_parser() -> ArgumentParser:
     tradeoff.add_argument("--attacks", default="clean,pgd20", help="Comma-separated, as for eval (aa is slow).")
     tradeoff.add_argument("--epsilon", type=_epsilon, help="Default: the run's training ε.")
     tradeoff.add_argument("--norm", choices=("linf", "l2"), help="Default: the run's.")
-    tradeoff.add_argument("--bn-batches", type=int, default=50, help="Training batches to recompute batch-norm statistics on.")
+    tradeoff.add_argument("--bn-batches", type=int, default=BATCH_NORM_BATCHES,
+                          help="Training batches to recompute batch-norm statistics on (default: %(default)s).")
     tradeoff.add_argument("--batch-size", type=int, default=128)
     tradeoff.add_argument("--device")
     tradeoff.add_argument("--seed", type=int, default=0)

@@ -147,6 +147,11 @@ class DataConfig:
                "eval_split_fraction makes the evaluation split ('held_out'); do not name an eval_split as well")
 
 
+#: Batches of training images over which an interpolated model's batch-norm statistics are
+#: recomputed, by default (``cure-hub tradeoff --bn-batches``).
+BATCH_NORM_BATCHES = 50
+
+
 @dataclasses.dataclass
 class AttackConfig:
     """The threat model and the PGD attack used to train against it."""

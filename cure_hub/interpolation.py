@@ -22,10 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import InputError
-
-#: Batches of training images over which batch-norm statistics are recomputed, by default.
-BATCH_NORM_BATCHES = 50
+from .config import BATCH_NORM_BATCHES, InputError
 
 
 def interpolate_state(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
