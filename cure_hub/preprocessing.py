@@ -96,8 +96,13 @@ def processor_applying(processor, target: PixelMap, image_size: int):
     for option, value in options.items():
         if hasattr(processor, option):
             setattr(processor, option, value)
-    processor.image_mean, processor.image_std = list(target.mean), list(target.std)
-    try:
-        return processor if pixel_map(processor).matches(target) else None
-    except UnsupportedProcessorError:
-        return None
+    # A processor that reverses the channels may normalise before (PP-LCNet's) or after reversing.
+    orders = (1, -1) if target.channel_order == "BGR" else (1,)
+    for order in orders:
+        processor.image_mean, processor.image_std = list(target.mean[::order]), list(target.std[::order])
+        try:
+            if pixel_map(processor).matches(target):
+                return processor
+        except UnsupportedProcessorError:
+            return None
+    return None

@@ -54,3 +54,17 @@ def test_a_stale_limitation_and_an_unlisted_refusal_are_both_unexpected(monkeypa
     assert refused.status == "refused" and not refused.expected
     monkeypatch.setitem(KNOWN_LIMITATIONS, "timm:no_such_model@32", "listed")
     assert refused.expected
+
+
+def test_every_transformers_types_export_processor_gives_the_pixels_of_its_own():
+    """For every model type, the processor an export gets applies the colour map of the type's own
+    processor (reversed channels and doubled divisions included), so no export is refused or
+    mis-fed for its type's defaults (PP-LCNet normalises before it reverses the channels)."""
+    from cure_hub.hub import _image_processor
+    from cure_hub.models import ModelSpec, _processor_pixel_map, default_image_processor
+    from cure_hub.preprocessing import pixel_map
+
+    for model_type in model_names("transformers"):
+        own = _processor_pixel_map(default_image_processor(model_type), model_type)
+        spec = ModelSpec("transformers", model_type, 10, 32, own.mean, own.std, channel_order=own.channel_order)
+        assert pixel_map(_image_processor(spec)).matches(own), model_type
