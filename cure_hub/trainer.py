@@ -503,59 +503,17 @@ class Trainer:
             self._resume()
             self._seconds_before_segment = self.state.train_seconds
         self._write_run_description()
-        accelerator, config, state = self.accelerator, self.config, self.state
+        accelerator, state = self.accelerator, self.state
         previous_handlers = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if _in_main_thread() else {}
         progress = tqdm(total=self.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
-        images_seen = 0
+        self._images_seen = 0
         self.model.train()
         with logging_redirect_tqdm():  # log lines above the progress bar, not glued onto it
             try:
                 if self._epoch_end_evaluation_due():  # stopped between an epoch's checkpoint and its evaluation
                     self._evaluate_and_keep_best()
                 while state.step < self.total_steps and self._stop_signal is None and not state.stopped_by_alarm:
-                    loader = self.train_loader
-                    if state.batches_done_in_epoch:
-                        loader = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
-                    # The prepared loader sets its sampler's epoch from its own counter, which starts at 0
-                    # in every process: a resumed run must set it, or it replays epoch 0's order. Under
-                    # several processes the skipping loader's set_epoch does not reach the sampler
-                    # (wrapped twice), so the sampler is set too, to the same epoch.
-                    loader.set_epoch(state.epoch)
-                    self.sampler.set_epoch(state.epoch)
-                    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
-                    for images, labels in loader:
-                        self._start_method_if_due()
-                        method = self.active_method
-                        images = augment(images, self.augmentation, self.augment_generator)
-                        with accelerator.accumulate(self.model), accelerator.autocast():
-                            output = method.compute_loss(self.model, images, labels)
-                            accelerator.backward(output.loss)
-                        finite &= torch.isfinite(output.loss.detach())
-                        state.batches_done_in_epoch += 1
-                        images_seen += len(labels) * accelerator.num_processes
-                        if not accelerator.sync_gradients:
-                            continue
-                        self._agree_on_divergence_and_stop(finite)
-                        finite.fill_(True)
-                        logs_now = self._logs_at(state.step + 1)
-                        method.record_statistics = logs_now
-                        extra = method.before_optimizer_step(self.model)
-                        self.step_lr = self.scheduler.get_last_lr()[0]
-                        self.optimizer.step()
-                        self.scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                        method.after_optimizer_step(self.model, state.step - (self.warmup_steps if method is self.method else 0))
-                        state.step += 1
-                        progress.update(1)
-                        if logs_now:
-                            rate = images_seen / (time.perf_counter() - self._segment_started)
-                            self._log({**output.metrics, **extra}, images_per_second=rate, progress=progress)
-                            self._log_layer_statistics(method)
-                        if config.run.checkpoint_every_steps and state.step % config.run.checkpoint_every_steps == 0:
-                            self.save_checkpoint()
-                        if state.step >= self.total_steps or self._stop_signal is not None:
-                            break
-                    else:  # the epoch ran out: checkpoint first, so an evaluation that fails loses nothing
+                    if self._train_rest_of_epoch(progress):  # it ran out: checkpoint first, so a failing evaluation loses nothing
                         state.epoch += 1
                         state.batches_done_in_epoch = 0
                         self.save_checkpoint()
@@ -575,6 +533,60 @@ class Trainer:
         summary = self._finish(last_eval)
         accelerator.end_training()
         return summary
+
+    def _train_rest_of_epoch(self, progress) -> bool:
+        """Train on the current epoch's remaining batches, or until the last step or a stop signal;
+        whether the epoch ran out."""
+        accelerator, state = self.accelerator, self.state
+        loader = self.train_loader
+        if state.batches_done_in_epoch:
+            loader = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
+        # The prepared loader sets its sampler's epoch from its own counter, which starts at 0 in
+        # every process: a resumed run must set it, or it replays epoch 0's order. Under several
+        # processes the skipping loader's set_epoch does not reach the sampler (wrapped twice), so
+        # the sampler is set too, to the same epoch.
+        loader.set_epoch(state.epoch)
+        self.sampler.set_epoch(state.epoch)
+        finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+        for images, labels in loader:
+            self._start_method_if_due()
+            method = self.active_method
+            images = augment(images, self.augmentation, self.augment_generator)
+            with accelerator.accumulate(self.model), accelerator.autocast():
+                output = method.compute_loss(self.model, images, labels)
+                accelerator.backward(output.loss)
+            finite &= torch.isfinite(output.loss.detach())
+            state.batches_done_in_epoch += 1
+            self._images_seen += len(labels) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            self._agree_on_divergence_and_stop(finite)
+            finite.fill_(True)
+            self._optimizer_step(method, output, progress)
+            if state.step >= self.total_steps or self._stop_signal is not None:
+                return False
+        return True
+
+    def _optimizer_step(self, method, output, progress) -> None:
+        """The step after the gradients of a batch (or of accumulated batches): the method's own
+        parts around the optimiser's, the schedule, logs and a checkpoint when due."""
+        state = self.state
+        logs_now = self._logs_at(state.step + 1)
+        method.record_statistics = logs_now
+        extra = method.before_optimizer_step(self.model)
+        self.step_lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step(self.model, state.step - (self.warmup_steps if method is self.method else 0))
+        state.step += 1
+        progress.update(1)
+        if logs_now:
+            rate = self._images_seen / (time.perf_counter() - self._segment_started)
+            self._log({**output.metrics, **extra}, images_per_second=rate, progress=progress)
+            self._log_layer_statistics(method)
+        if self.config.run.checkpoint_every_steps and state.step % self.config.run.checkpoint_every_steps == 0:
+            self.save_checkpoint()
 
     def _write_run_description(self) -> None:
         """config.yaml and model_spec.json, once the run is sure to start (a refused resume changes nothing)."""

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from cure_hub.arguments import parse_train_config
 from cure_hub.cli import main as cli_main
