@@ -305,7 +305,7 @@ def pretrained_preprocessing(name: str) -> tuple[int | None, float]:
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError):
         processor = None
-    size = _image_side(getattr(_vision_config(AutoConfig.from_pretrained(name)), "image_size", None))
+    size = _config_image_size(AutoConfig.from_pretrained(name))
     if size is None and processor is not None:
         size = processor.size.get("height") or processor.size.get("shortest_edge")
     return size, _processor_crop_pct(processor)
@@ -422,7 +422,8 @@ def _sized_timm_arguments(arch: str, image_size: int, model_args: dict) -> dict:
         candidates.append(({**model_args, "img_size": image_size}, "its own patch size"))
     candidates.append((model_args, "as timm builds it"))
     for sized, description in candidates:
-        if (failure := _meta_failure(lambda: timm.create_model(arch, **sized), nn.Module.__call__, image_size)) is None:
+        build = (lambda: probe) if sized is model_args else (lambda: timm.create_model(arch, **sized))  # timm's own: built above
+        if (failure := _meta_failure(build, nn.Module.__call__, image_size)) is None:
             logger.info("%s built for %dx%d images: %s", arch, image_size, image_size, description)
             return sized
     raise InputError(  # the failure of timm's own build, the last candidate, which says most
@@ -469,8 +470,10 @@ def _transformers_config(model_type: str, num_classes, image_size, fields: dict)
     return config
 
 
-def _image_side(size) -> int | None:
-    """A config's image size, an int or a (height, width) pair, as one side."""
+def _config_image_size(config) -> int | None:
+    """A transformers config's image size (an int or a (height, width) pair) as one side, from its
+    vision config where it has one; ``None`` when it has none (most convolutional networks)."""
+    size = getattr(_vision_config(config), "image_size", None)
     return size if size is None or isinstance(size, int) else size[-1]
 
 
@@ -488,7 +491,7 @@ def _create_transformers_from_config(config, image_size: int | None = None) -> R
     or not for this size, is a one-line error rather than a crash at the first training step."""
     from transformers import AutoModelForImageClassification
 
-    size = image_size or _image_side(getattr(_vision_config(config), "image_size", None)) or 224
+    size = image_size or _config_image_size(config) or 224
     failure = _meta_failure(lambda: AutoModelForImageClassification.from_config(config),
                             lambda model, images: model(pixel_values=images)[0], size)
     if failure is not None:
@@ -561,7 +564,7 @@ def _wrap_transformers(backbone: nn.Module, source: str | None, pixels: PixelMap
     field for it)."""
     config = backbone.config
     pixels = pixels or _processor_pixel_map(default_image_processor(config.model_type), config.model_type)
-    image_size = image_size or _image_side(getattr(_vision_config(config), "image_size", None)) or 224
+    image_size = image_size or _config_image_size(config) or 224
     labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
     spec = ModelSpec(
         library="transformers",

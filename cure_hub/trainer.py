@@ -238,7 +238,7 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------
     def _prepare(self):
-        self._resolve_image_size()
+        self._resolve_preprocessing()
         config, accelerator = self.config, self.accelerator
         self._check_output_dir()
         if config.run.push_to_hub and accelerator.is_main_process:  # before hours of training, not after
@@ -339,7 +339,7 @@ class Trainer:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
-    def _resolve_image_size(self) -> None:
+    def _resolve_preprocessing(self) -> None:
         """A pretrained model is fine-tuned at the size it was pretrained at, unless --image-size
         says otherwise: the images are resized to it (CIFAR's 32 px to a ViT's 224); its evaluation
         crop is the checkpoint's, unless --crop-pct says otherwise."""
