@@ -66,6 +66,16 @@ def _epsilon(text: str) -> float:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .sharded_eval import process_state
+
+    processes = process_state()
+    try:
+        return _evaluate(args, processes)
+    finally:  # as Accelerator.end_training: a gloo group left to the interpreter's exit can abort it
+        processes.destroy_process_group()
+
+
+def _evaluate(args: argparse.Namespace, processes) -> int:
     import json
 
     from .config import DataConfig, InputError
@@ -75,9 +85,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .hub import load_robust_model
     from .models import create_model
     from .plots import write_plots
-    from .sharded_eval import EvaluationState, process_state, run_evaluation, state_folder_for, weights_digest
+    from .sharded_eval import EvaluationState, run_evaluation, state_folder_for, weights_digest
 
-    processes = process_state()
     if not processes.is_main_process:  # one copy of every log line
         logging.getLogger("cure_hub").setLevel(logging.ERROR)
     corruptions = parse_corruptions(args.corruptions) if args.corruptions else ()
