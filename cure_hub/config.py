@@ -128,6 +128,15 @@ class DataConfig:
         default=None, metadata={"help": "Evaluate during training on a class-balanced subset of this many examples."}
     )
     subset_seed: int = dataclasses.field(default=0, metadata={"help": "Seed that draws the subsets."})
+    streaming: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Stream the training split (a datasets IterableDataset) instead of loading it: for datasets "
+                          "larger than memory. Shuffled through a buffer, split across processes by shard (else by "
+                          "example), resumed at the exact batch; the evaluation subset is the eval split's first "
+                          "eval_subset examples."},
+    )
+    shuffle_buffer: int = dataclasses.field(
+        default=10_000, metadata={"help": "With streaming: examples in the shuffle buffer (datasets' buffer_size)."})
     augment: str = dataclasses.field(
         default="auto",
         metadata={"help": "Training augmentation, on the device: 'cifar' (4-pixel padded random crop, flip), 'imagenet' "
@@ -145,6 +154,12 @@ class DataConfig:
         _check(self.crop_pct is None or 0 < self.crop_pct <= 1, f"crop_pct must be in (0, 1], got {self.crop_pct}")
         _check(fraction is None or self.eval_split is None,
                "eval_split_fraction makes the evaluation split ('held_out'); do not name an eval_split as well")
+        _check(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.streaming:  # both need the whole split at hand
+            _check(self.train_subset is None, "train_subset draws from the whole split, which streaming never holds: "
+                                              "drop --train-subset, or --streaming")
+            _check(fraction is None, "eval_split_fraction splits the whole training split, which streaming never holds: "
+                                     "name an --eval-split, or drop --streaming")
 
 
 #: Batches of training images over which an interpolated model's batch-norm statistics are

@@ -64,14 +64,19 @@ def _load_sklearn_digits():
 PACKAGED_DATASETS: dict[str, Callable[[], "datasets.DatasetDict"]] = {"digits": _load_sklearn_digits}
 
 
-def load_dataset_dict(name: str, config_name: str | None = None):
-    """Load every split of ``name``: a packaged short name, a local folder or a Hub id."""
+def load_dataset_dict(name: str, config_name: str | None = None, streaming: bool = False):
+    """Load every split of ``name``: a packaged short name, a local folder or a Hub id; with
+    ``streaming``, as ``IterableDataset`` splits (a packaged dataset's in four shards, of a size
+    it does not declare)."""
     import datasets
 
     if name in PACKAGED_DATASETS and not Path(name).exists():
-        return PACKAGED_DATASETS[name]()
+        loaded = PACKAGED_DATASETS[name]()
+        if streaming:
+            return datasets.IterableDatasetDict({split: part.to_iterable_dataset(num_shards=4) for split, part in loaded.items()})
+        return loaded
     try:
-        loaded = datasets.load_dataset(name, config_name)
+        loaded = datasets.load_dataset(name, config_name, streaming=streaming)
     except ConnectionError as err:
         raise DatasetUnavailableError(
             f"Could not reach the dataset {name!r} on the Hugging Face Hub ({err}). Without a "
@@ -85,6 +90,8 @@ def load_dataset_dict(name: str, config_name: str | None = None):
         raise InputError(f"cannot load the dataset {name!r}: {str(err).splitlines()[0]}") from None
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict(train=loaded)
+    elif isinstance(loaded, datasets.IterableDataset):
+        loaded = datasets.IterableDatasetDict(train=loaded)
     return loaded
 
 
@@ -174,13 +181,23 @@ def balanced_subset_indices(labels, n: int, seed: int = 0) -> list[int]:
 
 @dataclasses.dataclass
 class ImageClassificationData:
-    """The training and evaluation splits, as datasets that yield ``{"image", "label"}`` tensors."""
+    """The training and evaluation splits: datasets that yield ``{"image", "label"}`` tensors, or
+    a streamed training split (:mod:`cure_hub.streaming`) and its batch maker."""
 
-    train: "datasets.Dataset"
+    train: "datasets.Dataset | datasets.IterableDataset"
     eval: "datasets.Dataset"
     class_names: list[str]
     image_size: int
     name: str
+    #: examples in the training split (``None``: a stream that does not declare its size)
+    train_examples: int | None = None
+    #: examples to a batch of tensors (default: :func:`collate`)
+    train_collate: Callable | None = None
+
+    def __post_init__(self):
+        if self.train_examples is None and hasattr(self.train, "__len__"):
+            self.train_examples = len(self.train)
+        self.train_collate = self.train_collate or collate
 
     @property
     def num_classes(self) -> int:

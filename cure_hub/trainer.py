@@ -49,6 +49,7 @@ from .alarms import PROBE_EXAMPLES, ROBUST_OVERFITTING, gradient_masking, large_
 from .attacks import eval_mode, pgd_attack
 from .config import AttackConfig, InputError, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
 from .data import augment, augmentation_for, collate, load_data
+from .streaming import StreamedEpochs, load_streamed_data
 from .methods import Method, build_method
 from .methods.base import unwrap
 from .methods.cure import masked_parameter_names
@@ -249,7 +250,10 @@ class Trainer:
         set_seed(config.optim.seed)
         # Before the data: a missing starting point is found in a second, not after a download.
         init_weights = resolve_weights_file(config.model.init_from) if config.model.init_from else None
-        data = load_data(config.data)
+        if config.data.streaming:
+            data = load_streamed_data(config.data, accelerator.process_index, accelerator.num_processes)
+        else:
+            data = load_data(config.data)
         model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
         if config.method.method == "cure" and config.method.use_rgp:  # a head that cannot be found fails now, not after the warm-up
             masked_parameter_names(model, config.method.mask_scope, config.method.mask_include, config.method.mask_exclude)
@@ -260,27 +264,28 @@ class Trainer:
                 "--init-from (a natural model), --pretrained, or --warmup-epochs N (CURE-Eff)."
             )
         self.augmentation = augmentation_for(config.data.augment, data.image_size)
-        self.sampler = EpochShuffleSampler(len(data.train), config.optim.seed)
-        # The loader's own generator keeps its per-iterator seed draw off the global RNG, so a run
-        # resumed mid-epoch draws the same attack and dropout noise as an uninterrupted one.
-        train_loader = DataLoader(
-            data.train, batch_size=config.optim.batch_size, sampler=self.sampler, collate_fn=collate,
-            drop_last=True, num_workers=config.run.num_workers, generator=torch.Generator().manual_seed(config.optim.seed),
-        )
         eval_loader = DataLoader(data.eval, batch_size=config.optim.batch_size, collate_fn=collate, num_workers=config.run.num_workers)
         optimizer = self._optimizer(model)
-        batches_per_epoch = len(train_loader) // accelerator.num_processes
-        if batches_per_epoch < config.optim.gradient_accumulation_steps:
-            raise ValueError(
-                f"{len(data.train)} training examples make {batches_per_epoch} batches of {config.optim.batch_size} per "
-                f"process, fewer than gradient_accumulation_steps={config.optim.gradient_accumulation_steps}"
+        accumulation = config.optim.gradient_accumulation_steps
+        if config.data.streaming:  # split across processes by the stream itself, not by Accelerate
+            self.streamed = StreamedEpochs(data, config.optim.batch_size, accumulation, config.run.num_workers,
+                                           config.optim.seed, accelerator)
+            batches_per_epoch = self.streamed.batches_per_process
+            self.model, self.optimizer, self.eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+        else:
+            self.streamed = None
+            self.sampler = EpochShuffleSampler(len(data.train), config.optim.seed)
+            # The loader's own generator keeps its per-iterator seed draw off the global RNG, so a run
+            # resumed mid-epoch draws the same attack and dropout noise as an uninterrupted one.
+            train_loader = DataLoader(
+                data.train, batch_size=config.optim.batch_size, sampler=self.sampler, collate_fn=collate,
+                drop_last=True, num_workers=config.run.num_workers, generator=torch.Generator().manual_seed(config.optim.seed),
             )
-        self.steps_per_epoch = math.ceil(batches_per_epoch / config.optim.gradient_accumulation_steps)
-        self.total_steps = config.optim.max_steps or self.steps_per_epoch * config.optim.epochs
-        self.warmup_steps = min(config.optim.warmup_epochs * self.steps_per_epoch, self.total_steps)
-        self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
-            model, optimizer, train_loader, eval_loader
-        )
+            batches_per_epoch = len(train_loader) // accelerator.num_processes
+            self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
+                model, optimizer, train_loader, eval_loader
+            )
+        self._count_steps(batches_per_epoch, data.train_examples)
         # Mixed precision comes from the autocast blocks around the training step and the
         # evaluation only: Accelerate's autocast wrapper around forward would stop the KL attack
         # from taking its first step in float32 (attacks.py says why it must).
@@ -312,12 +317,33 @@ class Trainer:
         if config.run.report_to != "none":
             accelerator.init_trackers(self.output_dir.name, config=_flatten(config.to_dict()))
         logger.info(
-            "training %s (%.2fM parameters) on %s: %d training and %d evaluation examples, %d classes, %d px; %s for "
-            "%d steps (%d per epoch) on %s; writing to %s",
-            config.model.model, sum(p.numel() for p in model.parameters()) / 1e6, data.name, len(data.train),
+            "training %s (%.2fM parameters) on %s: %s training and %d evaluation examples, %d classes, %d px; %s for "
+            "%d steps (%s per epoch) on %s; writing to %s",
+            config.model.model, sum(p.numel() for p in model.parameters()) / 1e6, data.name, data.train_examples or "streamed",
             len(data.eval), data.num_classes, data.image_size, config.method.method, self.total_steps,
-            self.steps_per_epoch, _hardware(accelerator), self.output_dir,
+            self.steps_per_epoch or "as many as the stream has", _hardware(accelerator), self.output_dir,
         )
+
+    def _count_steps(self, batches_per_epoch: int | None, train_examples: int | None) -> None:
+        """Optimiser steps per epoch, in all, and of the natural warm-up; ``batches_per_epoch`` is
+        ``None`` for a stream of undeclared size, whose epochs end when it does."""
+        optim = self.config.optim
+        if batches_per_epoch is None:
+            if not optim.max_steps or optim.warmup_epochs:
+                raise InputError(
+                    f"the streamed dataset {self.config.data.dataset!r} does not declare its size, so epochs cannot be "
+                    "counted in steps: set --max-steps (and give the warm-up in steps: no --warmup-epochs)"
+                )
+            self.steps_per_epoch, self.total_steps, self.warmup_steps = None, optim.max_steps, 0
+            return
+        if batches_per_epoch < optim.gradient_accumulation_steps:
+            raise ValueError(
+                f"{train_examples} training examples make {batches_per_epoch} batches of {optim.batch_size} per "
+                f"process, fewer than gradient_accumulation_steps={optim.gradient_accumulation_steps}"
+            )
+        self.steps_per_epoch = math.ceil(batches_per_epoch / optim.gradient_accumulation_steps)
+        self.total_steps = optim.max_steps or self.steps_per_epoch * optim.epochs
+        self.warmup_steps = min(optim.warmup_epochs * self.steps_per_epoch, self.total_steps)
 
     def _check_output_dir(self):
         run = self.config.run
@@ -512,7 +538,8 @@ class Trainer:
             try:
                 if self._epoch_end_evaluation_due():  # stopped between an epoch's checkpoint and its evaluation
                     self._evaluate_and_keep_best()
-                while state.step < self.total_steps and self._stop_signal is None and not state.stopped_by_alarm:
+                while (state.step < self.total_steps and not self._passes_done() and self._stop_signal is None
+                       and not state.stopped_by_alarm):
                     if self._train_rest_of_epoch(progress):  # it ran out: checkpoint first, so a failing evaluation loses nothing
                         state.epoch += 1
                         state.batches_done_in_epoch = 0
@@ -538,17 +565,8 @@ class Trainer:
         """Train on the current epoch's remaining batches, or until the last step or a stop signal;
         whether the epoch ran out."""
         accelerator, state = self.accelerator, self.state
-        loader = self.train_loader
-        if state.batches_done_in_epoch:
-            loader = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
-        # The prepared loader sets its sampler's epoch from its own counter, which starts at 0 in
-        # every process: a resumed run must set it, or it replays epoch 0's order. Under several
-        # processes the skipping loader's set_epoch does not reach the sampler (wrapped twice), so
-        # the sampler is set too, to the same epoch.
-        loader.set_epoch(state.epoch)
-        self.sampler.set_epoch(state.epoch)
         finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
-        for images, labels in loader:
+        for images, labels in self._rest_of_epoch_batches():
             self._start_method_if_due()
             method = self.active_method
             images = augment(images, self.augmentation, self.augment_generator)
@@ -566,6 +584,22 @@ class Trainer:
             if state.step >= self.total_steps or self._stop_signal is not None:
                 return False
         return True
+
+    def _rest_of_epoch_batches(self):
+        """The current epoch's batches that this process has not trained on yet."""
+        accelerator, state = self.accelerator, self.state
+        if self.streamed is not None:
+            return self.streamed.epoch(state.epoch, skip=state.batches_done_in_epoch)
+        loader = self.train_loader
+        if state.batches_done_in_epoch:
+            loader = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
+        # The prepared loader sets its sampler's epoch from its own counter, which starts at 0 in
+        # every process: a resumed run must set it, or it replays epoch 0's order. Under several
+        # processes the skipping loader's set_epoch does not reach the sampler (wrapped twice), so
+        # the sampler is set too, to the same epoch.
+        loader.set_epoch(state.epoch)
+        self.sampler.set_epoch(state.epoch)
+        return loader
 
     def _optimizer_step(self, method, output, progress) -> None:
         """The step after the gradients of a batch (or of accumulated batches): the method's own
@@ -600,7 +634,13 @@ class Trainer:
     def _epoch_end_evaluation_due(self) -> bool:
         state = self.state
         return (state.batches_done_in_epoch == 0 and state.epoch > 0 and state.epoch % self.config.run.eval_every_epochs == 0
-                and state.step < self.total_steps and state.evaluated_at_step != state.step)
+                and state.step < self.total_steps and not self._passes_done() and state.evaluated_at_step != state.step)
+
+    def _passes_done(self) -> bool:
+        """A stream trained for ``epochs`` ends after that many passes: with uneven shards they can
+        be shorter than the steps its declared size plans (``max_steps`` counts steps alone)."""
+        optim = self.config.optim
+        return self.streamed is not None and not optim.max_steps and self.state.epoch >= optim.epochs
 
     def _train_seconds(self) -> float:
         """Training time of all the run's segments so far (a resumed run adds its own)."""
@@ -712,7 +752,8 @@ class Trainer:
             self._save_weights(revision, "revision", {"step": self.state.step})
         summary = {
             "steps": self.state.step,
-            "epochs": self.state.step / max(self.steps_per_epoch, 1),
+            # in a stream of undeclared size: the passes it completed
+            "epochs": self.state.step / self.steps_per_epoch if self.steps_per_epoch else self.state.epoch,
             "method": self.config.method.method,
             "final_eval": last_eval,
             "best_pgd_accuracy": self.state.best_pgd_accuracy,
