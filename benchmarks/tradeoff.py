@@ -59,10 +59,12 @@ class Preset:
 
 
 PRESETS = {
-    # About 40 minutes on 2 CPU cores: a quarter-width ResNet-18 on 4,000 CIFAR-10 images.
+    # About 30 minutes a seed on 2 CPU cores: a quarter-width ResNet-18 on 4,000 CIFAR-10 images.
+    # AutoAttack is off: on this CPU it takes about 7 minutes per robust model for 250 examples,
+    # 3 hours for the preset's 24 robust models (--autoattack-examples 250 runs it).
     "cpu-small": Preset(
-        model="cifar_resnet18", model_kwargs={"width": 16}, train_subset=4000, eval_examples=500,
-        autoattack_examples=100, natural_epochs=15, natural_lr=0.1, epochs=4, lr=0.02, batch_size=128,
+        model="cifar_resnet18", model_kwargs={"width": 16}, train_subset=4000, eval_examples=1000,
+        autoattack_examples=0, natural_epochs=15, natural_lr=0.1, epochs=3, lr=0.02, batch_size=128,
         attack_steps=10, weight_decay=5e-4, revision_rate=0.5, revision_decay=0.95,
     ),
     # Seconds, for CI: a narrow ResNet on a few hundred images (use --dataset digits).
@@ -85,7 +87,8 @@ PRESETS = {
 }
 
 def runs_for(preset: Preset) -> dict[str, dict]:
-    """Row name -> the method section of its config (CURE with the paper's Table 9 p, alpha, gamma)."""
+    """Row name -> the method section of its config (CURE with the paper's Table 9 p, alpha, gamma).
+    The rows after :data:`DEFAULT_ROWS` run only when --methods names them."""
     wide = preset.model == "cifar_wrn34_10"
     cure = {"method": "cure", "beta": preset.beta_cure, "percentile": 50.0 if wide else 30.0, "alpha": 0.3 if wide else 0.1,
             "gamma": 0.5 if wide else 1.0, "revision_rate": preset.revision_rate, "revision_decay": preset.revision_decay}
@@ -94,20 +97,25 @@ def runs_for(preset: Preset) -> dict[str, dict]:
         "trades": {"method": "trades", "beta": 6.0},
         "mart": {"method": "mart", "beta": 6.0},
         "cure": cure,
+        # The paper's r and d, made for 200-epoch runs: the revision model then averages over ~5,000 steps.
+        "cure (paper's r, d)": {**cure, "revision_rate": 0.2, "revision_decay": 0.999},
         "cure (RGP only)": {**cure, "use_revision": False},
         "cure (revision only)": {**cure, "use_rgp": False},
+        # Masks every 4 steps (an opt-in deviation: docs/cure.md).
+        "cure (mask every 4)": {**cure, "mask_interval": 4},
         # The official code's revision mode: batch statistics in L_CR, so L_CR is zero when theta_rev = theta
         # (the default eval mode adds a train/eval batch-norm term; docs/cure.md).
         "cure (revision in train mode)": {**cure, "revision_mode": "train"},
-        # Masks every 4 steps (an opt-in deviation: docs/cure.md).
-        "cure (mask every 4)": {**cure, "mask_interval": 4},
     }
+
+
+DEFAULT_ROWS = 8
 
 
 def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int, lr: float, seed: int, init_from=None) -> float:
     config = TrainConfig.from_dict({
         "model": {"model": preset.model, "model_kwargs": preset.model_kwargs, "init_from": init_from},
-        "data": {"dataset": dataset, "train_subset": preset.train_subset, "eval_subset": min(preset.eval_examples, 500),
+        "data": {"dataset": dataset, "train_subset": preset.train_subset, "eval_subset": min(preset.eval_examples, 200),
                  "augment": preset.augment},
         "method": method,
         "attack": {"steps": preset.attack_steps},
@@ -182,6 +190,46 @@ def markdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+#: The columns compared seed by seed.
+PAIRED_COLUMNS = ("Nat", "PGD-20", "C&W", "NRR (C&W)")
+
+
+def paired_differences(rows: dict[str, dict], reference: str) -> dict[str, dict]:
+    """Per row and column, ``reference`` minus the row, seed by seed (both start from that seed's
+    natural model and see the same examples, so the pairing removes what they share): the mean
+    difference and its 95 % t-interval over seeds. An interval that excludes 0 is a difference
+    these seeds resolve; one that does not, one they cannot tell from noise."""
+    from scipy.stats import t
+
+    differences = {}
+    for name, row in rows.items():
+        if name == reference:
+            continue
+        entry = {}
+        for column in PAIRED_COLUMNS:
+            ours, theirs = rows[reference]["summary"].get(column), row["summary"].get(column)
+            if ours is None or theirs is None:
+                continue
+            values = [a - b for a, b in zip(ours["values"], theirs["values"])]
+            mean = statistics.fmean(values)
+            half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+            entry[column] = {"mean": mean, "interval": [mean - half, mean + half], "values": values,
+                             "resolved": not mean - half <= 0 <= mean + half}
+        differences[name] = entry
+    return differences
+
+
+def paired_differences_table(rows: dict[str, dict], reference: str) -> str:
+    """``reference`` minus each row, in points: mean [95 % t-interval over seeds], * where it excludes 0."""
+    differences = paired_differences(rows, reference)
+    lines = [f"| {reference} minus | " + " | ".join(PAIRED_COLUMNS) + " |", "|---" * (len(PAIRED_COLUMNS) + 1) + "|"]
+    for name, entry in differences.items():
+        cells = [f"{100 * d['mean']:+.2f} [{100 * d['interval'][0]:+.1f}, {100 * d['interval'][1]:+.1f}]"
+                 + ("*" if d["resolved"] else "") if (d := entry.get(column)) else "—" for column in PAIRED_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: dict[str, dict], curve: dict | None, output: Path) -> Path:
     """Clean against C&W accuracy: a small point per run, a large one per row's mean, and the
     interpolation curve of the first seed's CURE run."""
@@ -218,6 +266,8 @@ def main(argv=None) -> int:
     parser.add_argument("--curve-points", type=int, default=6, help="Points of the cure run's interpolation curve (0: none).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply data sizes and epochs (a smoke test: 0.1).")
+    parser.add_argument("--autoattack-examples", type=int, help="AutoAttack on the first this-many evaluation examples "
+                        "(default: the preset's; 0: none).")
     args = parser.parse_args(argv)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     if args.natural_run and len(seeds) > 1:
@@ -230,12 +280,16 @@ def main(argv=None) -> int:
             eval_examples=max(10, scaled(preset.eval_examples)), autoattack_examples=max(10, scaled(preset.autoattack_examples)),
             natural_epochs=scaled(preset.natural_epochs), epochs=scaled(preset.epochs),
         )
+    if args.autoattack_examples is not None:
+        preset = dataclasses.replace(preset, autoattack_examples=min(args.autoattack_examples, preset.eval_examples))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     chosen = runs_for(preset)
     if args.methods:
         chosen = {k: v for k, v in chosen.items() if k in args.methods.split(",")}
+    else:
+        chosen = dict(list(chosen.items())[:DEFAULT_ROWS])
     rows = {name: {"runs": [], "method": method} for name, method in {"natural (start)": None, **chosen}.items()}
     curve = None
     for seed in seeds:
@@ -253,6 +307,8 @@ def main(argv=None) -> int:
     for row in rows.values():
         row["summary"] = summarise(row["runs"], preset.eval_examples, preset.autoattack_examples)
     table = markdown_table(rows)
+    if len(seeds) > 1 and "cure" in rows:
+        table += "\n\n" + paired_differences_table(rows, "cure")
     total = time.perf_counter() - started
     settings = dataclasses.asdict(preset)
     note = (
@@ -266,7 +322,9 @@ def main(argv=None) -> int:
         f"C&W-inf 30 steps)" + (f", AutoAttack (standard) on the first {preset.autoattack_examples} of them" if preset.autoattack_examples else "")
         + f". Seeds {seeds}: each cell is the mean ± standard deviation over seeds (every seed trains its own natural "
         f"model and every method from it), and in brackets the 95 % Wilson interval of one run's accuracy at that "
-        f"mean on these examples. Total {total / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} "
+        f"mean on these examples. The second table pairs runs of one seed (same natural model, same examples): cure "
+        f"minus each row, mean and 95 % t-interval over seeds, * where the interval excludes 0 (a difference these seeds "
+        f"resolve). Total {total / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} "
         f"threads, {datetime.date.today().isoformat()}."
     )
     print(table)
@@ -274,7 +332,9 @@ def main(argv=None) -> int:
     plot(rows, curve, out / "tradeoff.png")
     (out / "tradeoff.md").write_text(table + "\n\n" + note + "\n")
     (out / "tradeoff.json").write_text(json.dumps({"preset": args.preset, "settings": settings, "seeds": seeds,
-                                                   "total_seconds": total, "rows": rows, "curve": curve, "note": note}, indent=2))
+                                                   "total_seconds": total, "rows": rows, "curve": curve, "note": note,
+                                                   "paired_differences": paired_differences(rows, "cure")
+                                                   if len(seeds) > 1 and "cure" in rows else None}, indent=2))
     return 0
 
 

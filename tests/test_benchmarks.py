@@ -20,7 +20,7 @@ def test_tradeoff_smoke_preset_over_two_seeds(tmp_path):
     header = "| model | Nat | PGD-20 | C&W | AA | NRR (C&W) | NRR (AA) | training time |"
     table = (tmp_path / "tradeoff.md").read_text()
     assert header in table
-    rows = [line for line in table.splitlines() if line.startswith(("| natural", "| trades", "| cure"))]
+    rows = [line for line in table.split("\n\n")[0].splitlines() if line.startswith(("| natural", "| trades", "| cure"))]
     assert len(rows) == 3 and all(row.count(" ± ") == 4 for row in rows)  # Nat, PGD-20, C&W, NRR (C&W); no AA here
     result = json.loads((tmp_path / "tradeoff.json").read_text())
     assert result["seeds"] == [0, 1] and list(result["rows"]) == ["natural (start)", "trades", "cure"]
@@ -30,6 +30,11 @@ def test_tradeoff_smoke_preset_over_two_seeds(tmp_path):
         assert nat["mean"] == pytest.approx(sum(nat["values"]) / 2) and nat["sd"] >= 0
         assert nat["interval"][0] <= nat["mean"] <= nat["interval"][1]
     assert [p["lambda"] for p in result["curve"]["points"]] == [0.0, 0.5, 1.0]
+    differences = result["paired_differences"]["trades"]["Nat"]  # cure minus trades, seed by seed
+    cure, trades = (result["rows"][name]["summary"]["Nat"]["values"] for name in ("cure", "trades"))
+    assert differences["values"] == pytest.approx([a - b for a, b in zip(cure, trades)])
+    assert differences["interval"][0] <= differences["mean"] <= differences["interval"][1]
+    assert "| cure minus |" in table
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
 
 
