@@ -1,7 +1,8 @@
 """Images per second of the data pipeline alone, against a training step's, at 224 px.
 
-The pipeline is the trainer's: ``load_data`` (decode, RGB, resize to ``--image-size``) read through
-a DataLoader with ``--num-workers`` processes, ``collate`` to floats in [0, 1], and the on-device
+The pipeline is the trainer's: ``load_data`` (decode, RGB, resize to ``--image-size``), or with
+``--streaming`` the streamed split and its shuffle buffer, read through a DataLoader with
+``--num-workers`` processes, collated to floats in [0, 1], and the on-device
 augmentation (``--augment``: random resized crop and flip for ``imagenet``). The step is one
 training step of ``--method`` on ``--model`` with batches of that size (``benchmarks/step_cost.py``'s
 step). The pipeline keeps the step fed when its images per second exceed the step's.
@@ -25,14 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_cost import build, synchronise, train_step  # noqa: E402
 
 from cure_hub.config import DataConfig  # noqa: E402
-from cure_hub.data import augment, collate, load_data  # noqa: E402
+from cure_hub.data import augment, load_data  # noqa: E402
+from cure_hub.streaming import load_streamed_data  # noqa: E402
 
 
 def pipeline_images_per_second(data, args, workers: int) -> float:
     """Images per second through loader, collation, transfer and augmentation, after two warm-up
     batches (which start the workers)."""
-    loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, num_workers=workers,
-                        drop_last=True, generator=torch.Generator().manual_seed(0))
+    shuffle = None if args.streaming else True  # a stream shuffles itself
+    loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=shuffle, collate_fn=data.train_collate,
+                        num_workers=workers, drop_last=True, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator(args.device).manual_seed(0)
     batches = iter(loader)
     for _ in range(2):
@@ -75,11 +78,17 @@ def main(argv=None) -> int:
     parser.add_argument("--attack-steps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=2, help="timed training steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--streaming", action="store_true", help="read the training split as a stream (--streaming), "
+                        "shuffle buffer included")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
-    subset = (args.batches + 2) * args.batch_size
-    data = load_data(DataConfig(dataset=args.dataset, image_size=args.image_size, train_subset=subset, eval_subset=10))
+    if args.streaming:
+        data = load_streamed_data(DataConfig(dataset=args.dataset, image_size=args.image_size, streaming=True, eval_subset=10))
+    else:
+        subset = (args.batches + 2) * args.batch_size
+        data = load_data(DataConfig(dataset=args.dataset, image_size=args.image_size, train_subset=subset, eval_subset=10))
     result = {"image_size": args.image_size, "batch_size": args.batch_size, "augment": args.augment, "device": args.device,
+              "streaming": args.streaming,
               "pipeline_images_per_second": {w: pipeline_images_per_second(data, args, int(w)) for w in args.num_workers.split(",")},
               "step": f"{args.method} on {args.model}, {args.attack_steps} attack steps",
               "step_images_per_second": step_images_per_second(args)}

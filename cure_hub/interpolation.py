@@ -89,15 +89,17 @@ def recompute_batch_norm(model: nn.Module, batches, max_batches: int = BATCH_NOR
 
 
 def training_batches(run_dir: str | Path, batch_size: int = 128):
-    """Batches of the run's own training images (its dataset, split and subset), in order,
-    without augmentation."""
+    """Batches of the run's own training images (its dataset, split and subset; a streamed
+    run's stream, as its first epoch shuffled it), without augmentation."""
     from torch.utils.data import DataLoader
 
     from .config import TrainConfig
-    from .data import collate, load_data
+    from .data import load_data
+    from .streaming import load_streamed_data
 
     config = TrainConfig.from_yaml(str(Path(run_dir) / "config.yaml"))
-    return DataLoader(load_data(config.data).train, batch_size=batch_size, collate_fn=collate)
+    data = load_streamed_data(config.data) if config.data.streaming else load_data(config.data)
+    return DataLoader(data.train, batch_size=batch_size, collate_fn=data.train_collate)
 
 
 #: The attack whose accuracy the NRR of a curve uses: the strongest one evaluated.

@@ -38,13 +38,16 @@ def test_tradeoff_smoke_preset_over_two_seeds(tmp_path):
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
 
 
-def test_data_pipeline_benchmark_reports_both_rates(tmp_path):
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]])
+def test_data_pipeline_benchmark_reports_both_rates(streaming, tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from data_pipeline import main
 
     output = tmp_path / "pipeline.json"
     assert main(["--dataset", "digits", "--image-size", "16", "--batch-size", "4", "--batches", "2", "--num-workers", "0",
-                 "--model", "cifar_resnet18", "--width", "4", "--attack-steps", "1", "--steps", "1", "--json", str(output)]) == 0
+                 "--model", "cifar_resnet18", "--width", "4", "--attack-steps", "1", "--steps", "1", "--json", str(output),
+                 *streaming]) == 0
     result = json.loads(output.read_text())
+    assert result["streaming"] == bool(streaming)
     assert set(result["pipeline_images_per_second"]) == {"0"} and result["pipeline_images_per_second"]["0"] > 0
     assert result["step_images_per_second"] > 0 and result["step"] == "cure on cifar_resnet18, 1 attack steps"
