@@ -294,6 +294,11 @@ class ModelConfig:
         metadata={"help": "Constructor arguments or config fields, e.g. width=16 or hidden_size=192."},
     )
     pretrained: bool = dataclasses.field(default=False, metadata={"help": "Start from the architecture's pretrained weights."})
+    from_scratch: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Let CURE start from random weights although the architecture has pretrained ones (CURE "
+                          "assumes a naturally trained start; without this, that start is refused, naming the fixes)."},
+    )
     init_from: str | None = dataclasses.field(
         default=None,
         metadata={"help": "Start from these weights: a state dict file, a run or export folder, or a Hub id."},

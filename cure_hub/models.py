@@ -335,6 +335,16 @@ def loads_pretrained_weights(name: str, pretrained: bool) -> bool:
     return not (_is_timm_name(name) or name in _transformers_model_types()) and "/" in name
 
 
+def has_pretrained_weights(name: str) -> bool:
+    """Whether ``--pretrained`` has weights to load for ``name``: a timm architecture (or alias)
+    whose default pretrained config names a file, or a timm-layout Hub repository."""
+    arch = MODEL_ALIASES.get(name, name)
+    if arch.startswith(TIMM_HUB_PREFIX):
+        return True
+    cfg = timm.models.get_pretrained_cfg(arch) if timm.is_model(arch) else None
+    return bool(cfg and (cfg.hf_hub_id or cfg.url or cfg.file))
+
+
 def _is_timm_name(name: str) -> bool:
     """A timm architecture, an alias of one, or a timm-layout Hub repository."""
     return name in MODEL_ALIASES or timm.is_model(name) or name.startswith(TIMM_HUB_PREFIX)

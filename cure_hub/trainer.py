@@ -57,6 +57,7 @@ from .models import (
     CheckpointMismatchError,
     RobustClassifier,
     create_model,
+    has_pretrained_weights,
     load_weights,
     loads_pretrained_weights,
     pretrained_preprocessing,
@@ -250,6 +251,7 @@ class Trainer:
         set_seed(config.optim.seed)
         # Before the data: a missing starting point is found in a second, not after a download.
         init_weights = resolve_weights_file(config.model.init_from) if config.model.init_from else None
+        self._check_natural_start()
         if config.data.streaming:
             data = load_streamed_data(config.data, accelerator.process_index, accelerator.num_processes)
         else:
@@ -257,12 +259,6 @@ class Trainer:
         model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
         if config.method.method == "cure" and config.method.use_rgp:  # a head that cannot be found fails now, not after the warm-up
             masked_parameter_names(model, config.method.mask_scope, config.method.mask_include, config.method.mask_exclude)
-        natural_start = config.model.init_from or loads_pretrained_weights(config.model.model, config.model.pretrained)
-        if config.method.method == "cure" and not (natural_start or config.optim.warmup_epochs):
-            logger.warning(
-                "CURE from random weights: the method assumes a naturally trained start. Pass "
-                "--init-from (a natural model), --pretrained, or --warmup-epochs N (CURE-Eff)."
-            )
         self.augmentation = augmentation_for(config.data.augment, data.image_size)
         eval_loader = DataLoader(data.eval, batch_size=config.optim.batch_size, collate_fn=collate, num_workers=config.run.num_workers)
         optimizer = self._optimizer(model)
@@ -323,6 +319,22 @@ class Trainer:
             len(data.eval), data.num_classes, data.image_size, config.method.method, self.total_steps,
             self.steps_per_epoch or "as many as the stream has", _hardware(accelerator), self.output_dir,
         )
+
+    def _check_natural_start(self) -> None:
+        """CURE fine-tunes a naturally trained model. From random weights it is refused where the
+        architecture has pretrained ones (the bare ``--model vit_small`` most likely meant them),
+        and warned about elsewhere (an architecture with none, or ``--from-scratch``)."""
+        model, method, optim = self.config.model, self.config.method, self.config.optim
+        if method.method != "cure" or model.init_from or optim.warmup_epochs or loads_pretrained_weights(model.model, model.pretrained):
+            return
+        fixes = "--init-from (a natural model), --pretrained, or --warmup-epochs N (CURE-Eff)"
+        if has_pretrained_weights(model.model) and not model.from_scratch:
+            raise InputError(
+                f"CURE fine-tunes a naturally trained model, and {model.model} has pretrained weights: add --pretrained "
+                f"(its own input size and normalisation; CIFAR images are resized), or --init-from RUN, --warmup-epochs N "
+                f"(CURE-Eff), or --from-scratch to start from random weights anyway"
+            )
+        logger.warning("CURE from random weights: the method assumes a naturally trained start. Pass %s.", fixes)
 
     def _count_steps(self, batches_per_epoch: int | None, train_examples: int | None) -> None:
         """Optimiser steps per epoch, in all, and of the natural warm-up; ``batches_per_epoch`` is

@@ -19,7 +19,7 @@ from cure_hub.trainer import Trainer
 output, batch_size = sys.argv[1], int(sys.argv[2])
 method = sys.argv[3] if len(sys.argv) > 3 else "cure"
 config = TrainConfig.from_dict({
-    "model": {"model": "vit_tiny", "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}},
+    "model": {"model": "vit_tiny", "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}, "from_scratch": True},
     "data": {"dataset": "digits", "augment": "none", "eval_subset": 20},
     "method": {"method": method, "revision_rate": 0.6, "revision_rate_schedule": "constant", "revision_decay": 0.5},
     "attack": {"steps": 0, "random_start": "none"},

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 MODELS = {
     "cifar": {"model": "cifar_resnet18", "model_kwargs": {"width": 4}},
-    "timm-vit": {"model": "vit_tiny", "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}},
+    "timm-vit": {"model": "vit_tiny", "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}, "from_scratch": True},
     "transformers-vit": {"model": "vit", "model_kwargs": {"hidden_size": 16, "num_hidden_layers": 1,
                                                           "num_attention_heads": 2, "intermediate_size": 32}},
 }

@@ -86,7 +86,8 @@ def test_bad_input_to_train_is_one_line_and_leaves_no_run(tmp_path, capsys):
         (["--dataset", empty, "--eval-subset", "2"], 'Instruction "test" corresponds to no data'),
         (["--dataset", unlabelled, "--eval-subset", "2"], "the test split has 4 labels outside the 2 training classes: -1 (4x)"),
         (["--model", "resnet_nope"], "Unknown model 'resnet_nope'"),
-        (["--model", "vit_tiny", "--model-kwargs", "patch_size=16"], "patch_size=16 does not tile 8x8 images"),
+        (["--model", "vit_tiny", "--model-kwargs", "patch_size=16", "--from-scratch"], "patch_size=16 does not tile 8x8 images"),
+        (["--model", "vit_tiny"], "CURE fine-tunes a naturally trained model, and vit_tiny has pretrained weights: add --pretrained"),
     ]
     capsys.readouterr()  # the progress bars of writing the datasets
     for flags, message in cases:

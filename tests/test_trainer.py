@@ -12,7 +12,7 @@ import yaml
 
 from cure_hub.arguments import parse_train_config
 from cure_hub.cli import main as cli_main
-from cure_hub.config import METHODS, TrainConfig
+from cure_hub.config import METHODS, InputError, TrainConfig
 from cure_hub.plots import write_plots
 from cure_hub.trainer import Trainer, lr_multiplier
 
@@ -37,9 +37,10 @@ def tiny_config(output_dir, **sections) -> TrainConfig:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_accelerate_launch_trains_vit_small_on_cifar10(method, cifar10_dir, tmp_path):
-    # The headline command in full for CURE; the other methods on a two-block ViT-S (the launch
-    # path is the same, and the full network is most of the suite's time).
-    narrow = [] if method == "cure" else ["--model-kwargs", "depth=2"]
+    # The headline command in full for CURE (from random weights: no network here); the other
+    # methods on a two-block ViT-S (the launch path is the same, and the full network is most of
+    # the suite's time).
+    narrow = ["--from-scratch"] if method == "cure" else ["--model-kwargs", "depth=2"]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "cure_hub" / "train.py"),
@@ -253,6 +254,20 @@ def test_bad_recipe_keys_are_named(tmp_path):
         parse_train_config(["--recipe", str(recipe)])
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['percentage'\] in section 'method'"):
         TrainConfig.from_yaml(str(recipe))
+
+
+def test_bare_headline_command_stops_naming_what_to_add(tmp_path, caplog):
+    """`--model vit_small` alone most likely means its pretrained weights: CURE from random ones
+    is refused before any data is read, naming the fixes; --from-scratch lets it through, warned."""
+    config = tiny_config(tmp_path / "run", model={"model": "vit_small"}, data={"dataset": "no/such-dataset"})
+    with pytest.raises(InputError, match=r"vit_small has pretrained weights: add --pretrained .*--warmup-epochs N.*--from-scratch"):
+        Trainer(config).train()
+    assert not (tmp_path / "run").exists()
+    config = tiny_config(tmp_path / "run", model={"model": "vit_small", "from_scratch": True, "model_kwargs": {"depth": 1}},
+                         optim={"max_steps": 1})
+    with caplog.at_level(logging.WARNING, logger="cure_hub"):
+        Trainer(config).train()
+    assert "CURE from random weights" in caplog.text
 
 
 def test_cure_warns_of_random_weights_only_when_they_are_random(tmp_path, caplog):
