@@ -511,7 +511,9 @@ def check_resume_changes(saved: TrainConfig, config: TrainConfig, folder: Path) 
     changed = [
         f"{section}.{key} ({old[section][key]!r} -> {value!r})"
         for section, values in new.items() for key, value in values.items()
-        if value != old[section][key] and key not in CHANGEABLE_AT_RESUME.get(section, ())
+        if value != old[section][key] and (key not in CHANGEABLE_AT_RESUME.get(section, ())
+                                           # a stream's order interleaves its loader workers' shards
+                                           or (key == "num_workers" and config.data.streaming))
     ]
     if changed:
         raise InputError(

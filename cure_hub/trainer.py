@@ -550,8 +550,7 @@ class Trainer:
             try:
                 if self._epoch_end_evaluation_due():  # stopped between an epoch's checkpoint and its evaluation
                     self._evaluate_and_keep_best()
-                while (state.step < self.total_steps and not self._passes_done() and self._stop_signal is None
-                       and not state.stopped_by_alarm):
+                while not self._training_done() and self._stop_signal is None and not state.stopped_by_alarm:
                     if self._train_rest_of_epoch(progress):  # it ran out: checkpoint first, so a failing evaluation loses nothing
                         state.epoch += 1
                         state.batches_done_in_epoch = 0
@@ -593,7 +592,7 @@ class Trainer:
             self._agree_on_divergence_and_stop(finite)
             finite.fill_(True)
             self._optimizer_step(method, output, progress)
-            if state.step >= self.total_steps or self._stop_signal is not None:
+            if self._training_done() or self._stop_signal is not None:
                 return False
         return True
 
@@ -646,13 +645,18 @@ class Trainer:
     def _epoch_end_evaluation_due(self) -> bool:
         state = self.state
         return (state.batches_done_in_epoch == 0 and state.epoch > 0 and state.epoch % self.config.run.eval_every_epochs == 0
-                and state.step < self.total_steps and not self._passes_done() and state.evaluated_at_step != state.step)
+                and not self._training_done() and state.evaluated_at_step != state.step)
 
-    def _passes_done(self) -> bool:
-        """A stream trained for ``epochs`` ends after that many passes: with uneven shards they can
-        be shorter than the steps its declared size plans (``max_steps`` counts steps alone)."""
-        optim = self.config.optim
-        return self.streamed is not None and not optim.max_steps and self.state.epoch >= optim.epochs
+    def _ends_after_passes(self) -> bool:
+        """A stream trained for ``epochs`` ends after that many passes: uneven shards and loader
+        workers (each drops its last partial batch) make them shorter than its declared size plans.
+        ``max_steps`` counts steps alone."""
+        return self.streamed is not None and not self.config.optim.max_steps
+
+    def _training_done(self) -> bool:
+        if self._ends_after_passes():
+            return self.state.epoch >= self.config.optim.epochs
+        return self.state.step >= self.total_steps
 
     def _train_seconds(self) -> float:
         """Training time of all the run's segments so far (a resumed run adds its own)."""
@@ -764,8 +768,8 @@ class Trainer:
             self._save_weights(revision, "revision", {"step": self.state.step})
         summary = {
             "steps": self.state.step,
-            # in a stream of undeclared size: the passes it completed
-            "epochs": self.state.step / self.steps_per_epoch if self.steps_per_epoch else self.state.epoch,
+            "epochs": self.state.epoch if self._ends_after_passes() or not self.steps_per_epoch
+            else self.state.step / self.steps_per_epoch,
             "method": self.config.method.method,
             "final_eval": last_eval,
             "best_pgd_accuracy": self.state.best_pgd_accuracy,
