@@ -7,8 +7,11 @@ import shutil
 import torch
 
 from cure_hub.alarms import gradient_masking, large_epsilon_accuracy, robust_overfitting
+from cure_hub.config import TrainConfig
 from cure_hub.hub import export_run
+from cure_hub.trainer import Trainer
 from helpers import Brightness
+from test_trainer import tiny_config
 
 
 def test_robust_overfitting_fires_on_a_rise_and_fall_only():
@@ -45,3 +48,38 @@ def test_alarms_and_the_best_last_gap_reach_the_card(natural_run, tmp_path):
     assert "\n# run\n" in card and 'load_robust_model("<your-username>/run")' in card  # the run's name, not "export"
     assert "best 45.00 %, last 40.00 % (this model holds the last weights)" in card
     assert "Training-health alarms (the run was stopped by one):\n  - robust overfitting: PGD accuracy 0.4000" in card
+
+
+class ScriptedRobustness(Trainer):
+    """The real trainer, whose evaluations report these PGD accuracies in turn: a rise and a fall,
+    robust overfitting on cue (a tiny run on digits does not overfit on demand)."""
+
+    PGD_ACCURACIES = [0.30, 0.45, 0.41, 0.40, 0.39, 0.38]
+
+    def evaluate(self):
+        results = super().evaluate()
+        key = next(k for k in results if k.startswith("eval/pgd"))
+        return {**results, key: self.PGD_ACCURACIES[len(self.state.robust_history)]}
+
+
+def test_stop_on_robust_overfitting_ends_the_run_and_says_so(tmp_path):
+    """Patience 2, margin 0.02: the fourth evaluation (0.41, 0.40 after a best of 0.45) fires the
+    alarm and ends a 6-epoch run after epoch 4; the summary, the log and the card say so, the best
+    weights are those of the second evaluation, and resuming the stopped run trains no further."""
+    sections = dict(data={"dataset": "digits", "train_subset": 64, "eval_subset": 20}, method={"method": "pgd_at"},
+                    optim={"epochs": 6, "max_steps": None},
+                    run={"stop_on_robust_overfitting": True, "overfitting_margin": 0.02, "overfitting_patience": 2})
+    ScriptedRobustness(tiny_config(tmp_path / "run", **sections)).train()
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by_alarm"] and summary["steps"] == 4 * 4  # 64 examples in batches of 16
+    assert any(alarm.startswith("robust overfitting") for alarm in summary["alarms"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "robust overfitting" in r.get("health/alarms", "")][0] == 16
+    assert json.loads((run / "weights" / "best.json").read_text())["step"] == 8
+    card = (run / "export" / "README.md").read_text()
+    assert "robust overfitting" in card and "stopped" in card
+    ScriptedRobustness(TrainConfig.from_dict({**tiny_config(tmp_path / "run", **sections).to_dict(),
+                                              "run": {**tiny_config(tmp_path / "run", **sections).to_dict()["run"],
+                                                      "resume_from": str(run)}})).train()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 16
