@@ -11,7 +11,14 @@ from cure_hub.attacks import eval_mode
 from cure_hub.config import AttackConfig, MethodConfig
 from cure_hub.losses import kl_divergence
 from cure_hub.methods import build_method
-from cure_hub.methods.cure import _keep_mask_without_synchronisation, masked_parameter_names, prominence_mask, revision_rate_at
+from cure_hub.methods.cure import (
+    _keep_mask_without_synchronisation,
+    _keep_masks_by_segmented_sort,
+    masked_parameter_names,
+    prominence_mask,
+    prominence_masks,
+    revision_rate_at,
+)
 from helpers import non_robust_natural_model, pgd_accuracy, robust_vs_fragile_task, tiny_model
 
 
@@ -100,6 +107,54 @@ def test_prominence_mask_beyond_torch_quantile_limit(implementation):
     keep = implementation(score, 30)
     assert (~keep).sum().item() == math.floor(0.3 * score.numel())
     assert score[~keep].max() <= score[keep].min()
+
+
+def many_scores(kind: str) -> list[torch.Tensor]:
+    """A network's worth of score tensors, of many shapes, built to mislead a selection."""
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(16, 3, 3, 3), (16,), (1,), (7,), (32, 16, 3, 3), (32,), (10, 512), (10,), (3, 5), (2048,)] * 3
+    make = {
+        "random": lambda shape: torch.rand(shape, generator=generator),
+        "ties": lambda shape: torch.randint(0, 3, shape, generator=generator).float(),
+        "constant": lambda shape: torch.full(shape, 0.25),
+        "signed": lambda shape: torch.randn(shape, generator=generator),  # --rgp-signed scores
+        "non-finite": lambda shape: torch.rand(shape, generator=generator).masked_fill(
+            torch.rand(shape, generator=generator) < 0.05, math.nan).masked_fill(torch.rand(shape, generator=generator) < 0.02, -math.inf),
+    }[kind]
+    return [make(shape) for shape in shapes]
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "constant", "signed", "non-finite"])
+@pytest.mark.parametrize("percent", [0.01, 30.0, 50.0, 99.9])
+def test_masks_of_many_tensors_at_once_match_the_reference(kind, percent):
+    """The accelerator path (two sorts for all tensors) gives each tensor the reference's mask,
+    ties and non-finite scores included; so does the CPU path of prominence_masks."""
+    scores = many_scores(kind)
+    together = _keep_masks_by_segmented_sort(scores, percent)
+    for score, keep, one_by_one in zip(scores, together, prominence_masks(scores, percent)):
+        expected = reference_mask(score.numpy(), percent)
+        assert keep.dtype == torch.bool and keep.shape == score.shape
+        np.testing.assert_array_equal(keep.numpy(), expected)
+        np.testing.assert_array_equal(one_by_one.numpy(), expected)
+
+
+def test_masks_of_large_tensors_at_once_match_the_reference():
+    scores = [torch.rand(300_000, generator=torch.Generator().manual_seed(6)), torch.randint(0, 5, (64, 64, 3, 3)).float()]
+    for score, keep in zip(scores, _keep_masks_by_segmented_sort(scores, 30.0)):
+        np.testing.assert_array_equal(keep.numpy(), reference_mask(score.numpy(), 30.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masks_on_cuda_match_the_reference_without_host_synchronisation():
+    scores = [score.cuda() for score in many_scores("ties") + many_scores("non-finite")]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        masks = prominence_masks(scores, 30.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for score, keep in zip(scores, masks):
+        np.testing.assert_array_equal(keep.cpu().numpy(), reference_mask(score.cpu().numpy(), 30.0))
 
 
 def _sgd_step(method, model, images, labels, optimizer, step=0):

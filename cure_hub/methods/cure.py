@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import math
 from typing import Any
 
@@ -58,6 +59,42 @@ def prominence_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
     else:
         keep = _keep_mask_without_synchronisation(flat, conserved)
     return keep.view_as(score)
+
+
+def prominence_masks(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
+    """:func:`prominence_mask` of each of ``scores``. On a CPU one tensor at a time (the sampled
+    selection is faster there than sorting); on an accelerator all of them together, in two sorts
+    and a scatter whatever their number, with nothing read back to the host
+    (:func:`_keep_masks_by_segmented_sort`)."""
+    if not scores:
+        return []
+    if scores[0].device.type == "cpu":
+        return [prominence_mask(score, percent) for score in scores]
+    return _keep_masks_by_segmented_sort(scores, percent)
+
+
+def _keep_masks_by_segmented_sort(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
+    """The masks of all ``scores`` at once: a stable sort by score, then a stable sort by tensor,
+    puts every tensor's entries in ascending order of score, ties in order of position (the
+    reference's order); each tensor's first ``floor(percent * n / 100)`` entries in that order are
+    conserved. Fixed shapes, int64 positions (past 2^31 entries in all), no host synchronisation."""
+    sizes = [score.numel() for score in scores]
+    device = scores[0].device
+    flat = torch.cat([torch.nan_to_num(score.detach().reshape(-1), nan=math.inf, posinf=math.inf, neginf=-math.inf)
+                      for score in scores])
+    total = flat.numel()
+    tensor_of = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device),
+                                        output_size=total)
+    by_score = flat.sort(stable=True).indices
+    order = by_score[tensor_of[by_score].sort(stable=True).indices]
+    # In ``order`` the tensors' entries stand in blocks, in the tensors' order: entry i of it
+    # belongs to tensor tensor_of[i], at rank i - start of its block.
+    starts = torch.tensor([0, *itertools.accumulate(sizes)][:-1], device=device)
+    conserved = torch.tensor([math.floor(percent * n / 100) for n in sizes], device=device)
+    keep_in_order = torch.arange(total, device=device) - starts[tensor_of] >= conserved[tensor_of]
+    keep = torch.empty(total, dtype=torch.bool, device=device)
+    keep[order] = keep_in_order
+    return [mask.view_as(score) for mask, score in zip(keep.split(sizes), scores)]
 
 
 def _keep_mask_without_synchronisation(flat: torch.Tensor, conserved: int) -> torch.Tensor:
@@ -227,12 +264,12 @@ class CURE(Method):
         grads = _all_reduce_sum(self._rgp_grads)
         self._rgp_grads = None
         count, alpha = len(self.masked_params), self.config.alpha
-        masks = []
+        scores = []
         for g_nat, g_adv in zip(grads[:count], grads[count:]):
             if not self.config.rgp_signed:  # the buffers are ours: work in place
                 g_nat, g_adv = g_nat.abs_(), g_adv.abs_()
-            masks.append(prominence_mask(g_nat.mul_(alpha).add_(g_adv, alpha=1 - alpha), self.config.percentile))
-        return masks
+            scores.append(g_nat.mul_(alpha).add_(g_adv, alpha=1 - alpha))
+        return prominence_masks(scores, self.config.percentile)
 
     def _mask_gradients(self) -> dict[str, torch.Tensor]:
         masks = self._compute_masks() if self._masks_due() else self._masks
