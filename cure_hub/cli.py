@@ -79,7 +79,7 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
     import json
 
     from .config import DataConfig, InputError
-    from .corruptions import RELEASES, CorruptedCopy, parse_corruptions, parse_severities
+    from .corruptions import CorruptedCopy, GeneratedCorruptions, parse_corruptions, parse_severities
     from .data import collate, load_eval_split
     from .evaluation import ATTACKS, EvaluationSuite, check_model_fits_data
     from .hub import load_robust_model
@@ -90,10 +90,6 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
     if not processes.is_main_process:  # one copy of every log line
         logging.getLogger("cure_hub").setLevel(logging.ERROR)
     corruptions = parse_corruptions(args.corruptions) if args.corruptions else ()
-    if corruptions and not args.corruptions_dataset:
-        raise InputError("--corruptions reads the corrupted images from a copy of the published data: pass "
-                         f"--corruptions-dataset FOLDER_OR_HUB_ID ({RELEASES}); they cannot be generated here "
-                         "(see cure_hub/corruptions.py)")
     suite = EvaluationSuite(tuple(args.attacks.split(",")), args.epsilon, args.norm, args.eps_sweep, seed=args.seed,
                             corruptions=corruptions, severities=parse_severities(args.severities))
     if args.plots and not args.output:
@@ -105,7 +101,11 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
                              image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
                              crop_pct=args.crop_pct or (model.spec.crop_pct if model else None), subset_seed=args.seed)
     dataset, split, class_names, split_size, split_indices = load_eval_split(data_config, args.n_examples)
-    corrupted_copy = CorruptedCopy(args.corruptions_dataset, corruptions, suite.severities, split_size) if corruptions else None
+    corrupted_copy = None
+    if corruptions:
+        corrupted_copy = (CorruptedCopy(args.corruptions_dataset, corruptions, suite.severities, split_size)
+                          if args.corruptions_dataset else GeneratedCorruptions(corruptions, suite.severities, args.seed))
+        logging.getLogger("cure_hub").info("corrupted images: %s", corrupted_copy.source)
     image_size = dataset[0]["image"].shape[-1]
     if args.checkpoint:
         model = create_model(args.model, num_classes=len(class_names), image_size=image_size,
@@ -125,12 +125,12 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
         "dataset": args.dataset,
         "split": split,
         "split_examples": split_size,
+        "corruptions_source": corrupted_copy.source if corrupted_copy else None,
     }
     state = None
     if args.output:
         fingerprint = {**identity, "weights_sha256": weights_digest(model), "n_examples": len(dataset),
                        "subset_seed": args.seed, "image_size": image_size, "crop_pct": data_config.crop_pct, "batch_size": args.batch_size,
-                       "corruptions_dataset": args.corruptions_dataset,
                        **dataclasses.asdict(suite)}
         state = EvaluationState(state_folder_for(args.output), fingerprint)
     results = {**identity, **run_evaluation(model, dataset, suite, args.batch_size, collate, device=device,
@@ -273,7 +273,8 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--corruptions", metavar="all|NAME,...", help="Accuracy under natural corruptions (CIFAR-10-C's 15).")
     evaluate.add_argument("--severities", default="3", help="Corruption severities: 3 (the paper's), 1,3,5 or all.")
     evaluate.add_argument("--corruptions-dataset", metavar="FOLDER_OR_HUB_ID",
-                          help="A copy of the corrupted test set in its release layout (<corruption>.npy, labels.npy).")
+                          help="A copy of the corrupted test set in its release layout (<corruption>.npy, labels.npy); "
+                               "without it the corruptions are generated (ImageNet-C's parameters; cure-hub[corruptions]).")
     evaluate.add_argument("--n-examples", type=int, help="A deterministic, class-balanced subset of this many examples.")
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")

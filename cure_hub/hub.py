@@ -353,6 +353,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         corruptions=results.get("corruptions", {}),
         corruption_intervals=results.get("corruption_intervals", {}),
         corruption_mean=results.get("corruption_mean"),
+        corruptions_source=results.get("corruptions_source"),
         robustbench_path=robustbench_path(results, name.split("/")[-1]),
     )
 

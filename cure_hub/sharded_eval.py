@@ -134,8 +134,9 @@ def run_evaluation(
     With ``state``, finished batches are written to it as they finish; ``resume`` continues from
     them (refused if the evaluation was started with another fingerprint), and without ``resume``
     an unfinished evaluation in the same place is refused rather than overwritten. With
-    ``corrupted_copy`` (a :class:`~cure_hub.corruptions.CorruptedCopy`), each batch's corrupted
-    versions are read from it at ``split_indices``, the examples' positions in the whole split.
+    ``corrupted_copy`` (a :class:`~cure_hub.corruptions.CorruptedCopy` or
+    :class:`~cure_hub.corruptions.GeneratedCorruptions`), each batch's corrupted versions come from
+    it, for the examples at ``split_indices``, their positions in the whole split.
     """
     from accelerate.utils import gather_object
 
@@ -163,7 +164,7 @@ def run_evaluation(
     with (state.writer(processes.process_index) if state is not None else contextlib.nullcontext()) as file, \
             tqdm(total=sum(map(len, batch_indices)), unit="img", dynamic_ncols=True,
                  disable=not progress or not processes.is_main_process) as bar:
-        batches = ((b, images, labels, corrupted_copy.batch([split_indices[i] for i in positions], labels)
+        batches = ((b, images, labels, corrupted_copy.batch([split_indices[i] for i in positions], images, labels)
                     if corrupted_copy is not None else {})
                    for b, positions, (images, labels) in zip(mine, batch_indices, loader))
         for record in suite.attack_batches(model, batches, device, bar, bar_prefix=prefix):
