@@ -92,9 +92,9 @@ class StreamCollate:
         columns = (self.to_tensors.image_column, self.to_tensors.label_column)
         tensors = self.to_tensors({column: [example[column] for example in examples] for column in columns})
         images, labels = collate([{"image": i, "label": y} for i, y in zip(tensors["image"], tensors["label"])])
-        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
-            raise InputError(f"a streamed example has label {int(labels.max()) if labels.max() >= self.num_classes else int(labels.min())}, "
-                             f"outside the {self.num_classes} classes")
+        outside = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(outside):
+            raise InputError(f"a streamed example has label {int(outside[0])}, outside the {self.num_classes} classes")
         return images, labels
 
 
