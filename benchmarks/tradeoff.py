@@ -59,7 +59,8 @@ class Preset:
 
 
 PRESETS = {
-    # About 30 minutes a seed on 2 CPU cores: a quarter-width ResNet-18 on 4,000 CIFAR-10 images.
+    # About 36 minutes a seed on 2 CPU cores (measured: 114.5 minutes for --seeds 0,1,2, the first
+    # seed sharing the machine): a quarter-width ResNet-18 on 4,000 CIFAR-10 images.
     # AutoAttack is off: on this CPU it takes about 7 minutes per robust model for 250 examples,
     # 3 hours for the preset's 24 robust models (--autoattack-examples 250 runs it).
     "cpu-small": Preset(
