@@ -64,22 +64,22 @@ class ScriptedRobustness(Trainer):
 
 def test_stop_on_robust_overfitting_ends_the_run_and_says_so(tmp_path):
     """Patience 2, margin 0.02: the fourth evaluation (0.41, 0.40 after a best of 0.45) fires the
-    alarm and ends a 6-epoch run after epoch 4; the summary, the log and the card say so, the best
+    alarm and ends a 6-epoch run after epoch 4 (2 steps each); the summary, the log and the card say so, the best
     weights are those of the second evaluation, and resuming the stopped run trains no further."""
-    sections = dict(data={"dataset": "digits", "train_subset": 64, "eval_subset": 20}, method={"method": "pgd_at"},
+    sections = dict(data={"dataset": "digits", "train_subset": 32, "eval_subset": 16}, method={"method": "pgd_at"},
                     optim={"epochs": 6, "max_steps": None},
                     run={"stop_on_robust_overfitting": True, "overfitting_margin": 0.02, "overfitting_patience": 2})
     ScriptedRobustness(tiny_config(tmp_path / "run", **sections)).train()
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["stopped_by_alarm"] and summary["steps"] == 4 * 4  # 64 examples in batches of 16
+    assert summary["stopped_by_alarm"] and summary["steps"] == 4 * 2  # 32 examples in batches of 16
     assert any(alarm.startswith("robust overfitting") for alarm in summary["alarms"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "robust overfitting" in r.get("health/alarms", "")][0] == 16
-    assert json.loads((run / "weights" / "best.json").read_text())["step"] == 8
+    assert [r["step"] for r in records if "robust overfitting" in r.get("health/alarms", "")][0] == 8
+    assert json.loads((run / "weights" / "best.json").read_text())["step"] == 4
     card = (run / "export" / "README.md").read_text()
     assert "robust overfitting" in card and "stopped" in card
     ScriptedRobustness(TrainConfig.from_dict({**tiny_config(tmp_path / "run", **sections).to_dict(),
                                               "run": {**tiny_config(tmp_path / "run", **sections).to_dict()["run"],
                                                       "resume_from": str(run)}})).train()
-    assert json.loads((run / "summary.json").read_text())["steps"] == 16
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8

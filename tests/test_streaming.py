@@ -116,8 +116,9 @@ def test_each_process_streams_its_own_examples(streamed_digits):
     loaded = PACKAGED_DATASETS["digits"]()["train"].select(range(sum(SHARD_SIZES)))
     assert sorted(label for _, label in first + second) == sorted(loaded["label"])
     assert len({pixels for pixels, _ in first} & {pixels for pixels, _ in second}) <= 5  # digits has a few duplicate images
-    assert sorted(examples_of(streamed_digits, 0, 1) + examples_of(streamed_digits, 1, 1)) == sorted(first + second)
-    assert examples_of(streamed_digits, 0, 1)[:50] != first[:50]  # reshuffled each epoch
+    next_epoch = examples_of(streamed_digits, 0, 1)
+    assert sorted(next_epoch + examples_of(streamed_digits, 1, 1)) == sorted(first + second)
+    assert next_epoch[:50] != first[:50]  # reshuffled each epoch
 
 
 def test_stream_of_undeclared_size_needs_max_steps(tmp_path):
