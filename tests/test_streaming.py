@@ -1,6 +1,6 @@
 """--streaming: a training split read as a stream, never whole, trains like a loaded one and
-resumes bitwise exactly, across an epoch boundary and under two processes whose shards differ in
-size; each process reads its own examples."""
+resumes bitwise exactly across an epoch boundary; two processes whose shards differ in size end
+every epoch together; each process reads its own examples."""
 
 import json
 import signal
@@ -77,24 +77,19 @@ def test_streamed_run_counts_epochs_from_the_card(streamed_reference):
 
 
 @pytest.mark.slow
-def test_two_process_streamed_run_on_uneven_shards_resumes_bitwise_equal(streamed_digits, tmp_path):
+def test_two_process_streamed_run_on_uneven_shards_ends_each_epoch_together(streamed_digits, tmp_path):
     """Each process streams its own two shards, so one has more batches than the other: every
-    epoch ends for both when the shorter runs out, not with one waiting for the other; killed and
-    resumed, the run equals the straight one. (No loader workers here: each would drop its own
-    last partial batch, which the count below leaves out.)"""
+    epoch ends for both when the shorter runs out, not with one waiting for the other in a
+    collective (which would hang until the timeout). No loader workers here: each would drop its
+    own last partial batch, which the count below leaves out. (Bitwise resume under two processes
+    is tested in test_resume.py; of a stream, in one process above: the skipping is per process.)"""
     counts = [[len(examples_of(streamed_digits, rank, epoch)) // 64 for rank in (0, 1)] for epoch in (0, 1)]
     assert all(a != b for a, b in counts)
-    steps = sum(min(epoch) for epoch in counts)
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    two_processes = [*flags(streamed_digits), "--num-workers", "0"]
-    result = torchrun([FAULT_RUN, "none", *two_processes, "--output-dir", str(straight)], port=29561, timeout=240)
+    output = tmp_path / "run"
+    result = torchrun([FAULT_RUN, "none", *flags(streamed_digits), "--num-workers", "0", "--output-dir", str(output)],
+                      port=29561, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((straight / "summary.json").read_text())["steps"] == steps
-    result = torchrun([FAULT_RUN, f"step:{steps - 1}", *two_processes, "--output-dir", str(killed)], port=29562, timeout=240)
-    assert result.returncode != 0
-    resumed = torchrun([TRAIN, "--resume-from", str(killed)], port=29563, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(killed, straight)
+    assert json.loads((output / "summary.json").read_text())["steps"] == sum(min(epoch) for epoch in counts)
 
 
 def examples_of(dataset: Path, rank: int, epoch: int) -> list[tuple[bytes, int]]:
@@ -117,7 +112,6 @@ def test_each_process_streams_its_own_examples(streamed_digits):
     assert sorted(label for _, label in first + second) == sorted(loaded["label"])
     assert len({pixels for pixels, _ in first} & {pixels for pixels, _ in second}) <= 5  # digits has a few duplicate images
     next_epoch = examples_of(streamed_digits, 0, 1)
-    assert sorted(next_epoch + examples_of(streamed_digits, 1, 1)) == sorted(first + second)
     assert next_epoch[:50] != first[:50]  # reshuffled each epoch
 
 
