@@ -160,11 +160,11 @@ class GeneratedCorruptions:
         saved = np.random.get_state()  # imagecorruptions draws from NumPy's global generator
         try:
             for corruption in self.corruptions:
+                number = CORRUPTIONS.index(corruption)
                 for severity in self.severities:
                     corrupted = []
                     for index, image in zip(split_indices, pixels):
-                        seed = int(np.random.SeedSequence([self.seed, index, CORRUPTIONS.index(corruption), severity])
-                                   .generate_state(1)[0])
+                        seed = int(np.random.SeedSequence([self.seed, index, number, severity]).generate_state(1)[0])
                         np.random.seed(seed)
                         corrupted.append(self._corrupt(image, corruption, severity, seed))
                     batch[corruption_key(corruption, severity)] = (
@@ -174,12 +174,10 @@ class GeneratedCorruptions:
         return batch
 
     def _corrupt(self, image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-        """One image; a grey-scale one comes back as it went in, RGB. Glass blur draws from its own
-        ``seed`` (in compiled code, where NumPy's global generator does not reach)."""
+        """One RGB image. Glass blur draws from its own ``seed`` (in compiled code, where NumPy's
+        global generator does not reach)."""
         extra = {"seed": seed} if corruption == "glass_blur" else {}
         out = np.asarray(self.corrupt(image, corruption_name=corruption, severity=severity, **extra))
-        if out.ndim == 2:
-            out = np.repeat(out[..., None], 3, axis=2)
         if out.shape != image.shape:  # some corruptions crop or pad by a pixel at odd sizes
             raise InputError(f"imagecorruptions' {corruption} returned a {out.shape} image for a {image.shape} one")
         return out.astype(np.uint8)

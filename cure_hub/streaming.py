@@ -132,8 +132,8 @@ class StreamedEpochs:
                 yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
     def _everyone_has(self, has: bool) -> bool:
+        """One all-reduce, as the trainer agrees on divergence and stops."""
         if self.accelerator.num_processes == 1:
             return has
-        from accelerate.utils import gather
-
-        return bool(gather(torch.tensor([has], device=self.accelerator.device)).all())
+        missing = torch.tensor(float(not has), device=self.accelerator.device)
+        return self.accelerator.reduce(missing, reduction="sum").item() == 0
