@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import platform
 import statistics
@@ -26,9 +27,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
-from cure_hub.config import DataConfig, TrainConfig
+from cure_hub.config import DataConfig, MethodConfig, TrainConfig
 from cure_hub.data import collate, load_eval_split
 from cure_hub.evaluation import evaluate_robustness, natural_robustness_ratio, wilson_interval
 from cure_hub.interpolation import tradeoff_curve
@@ -111,6 +113,20 @@ def runs_for(preset: Preset) -> dict[str, dict]:
 
 
 DEFAULT_ROWS = 8
+
+
+def grid_rows(preset: Preset, grid: str) -> dict[str, dict]:
+    """One cure row per combination of ``grid``'s values, e.g. ``beta=5,8;percentile=10,30``: the
+    fields of the method config, on top of the preset's cure row."""
+    axes = []
+    for axis in grid.split(";"):
+        key, _, values = axis.partition("=")
+        if not values or key.strip() not in {field.name for field in dataclasses.fields(MethodConfig)}:
+            raise SystemExit(f"--cure-grid: {axis!r} is not FIELD=V1,V2,... with a field of the method config")
+        axes.append([(key.strip(), yaml.safe_load(value)) for value in values.split(",")])
+    cure = runs_for(preset)["cure"]
+    return {"cure (" + ", ".join(f"{k}={v}" for k, v in combination) + ")": {**cure, **dict(combination)}
+            for combination in itertools.product(*axes)}
 
 
 def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int, lr: float, seed: int, init_from=None) -> float:
@@ -264,6 +280,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0", help="Comma-separated: every row is trained once per seed, from the natural model of that seed.")
     parser.add_argument("--natural-run", help="Start from this natural run folder instead of training one (one seed).")
     parser.add_argument("--methods", help="Comma-separated subset of the rows to run.")
+    parser.add_argument("--cure-grid", help="Add a cure row per combination of these method settings, e.g. "
+                        "'beta=5,8;percentile=10,30' (a settings search: run it on seeds the table does not use).")
+    parser.add_argument("--reference", default="cure", help="The row the paired-differences table subtracts the others from.")
     parser.add_argument("--curve-points", type=int, default=6, help="Points of the cure run's interpolation curve (0: none).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply data sizes and epochs (a smoke test: 0.1).")
@@ -291,6 +310,10 @@ def main(argv=None) -> int:
         chosen = {k: v for k, v in chosen.items() if k in args.methods.split(",")}
     else:
         chosen = dict(list(chosen.items())[:DEFAULT_ROWS])
+    if args.cure_grid:
+        chosen.update(grid_rows(preset, args.cure_grid))
+    if args.reference not in chosen:
+        parser.error(f"--reference {args.reference!r} is not among the rows: {', '.join(chosen)}")
     rows = {name: {"runs": [], "method": method} for name, method in {"natural (start)": None, **chosen}.items()}
     curve = None
     for seed in seeds:
@@ -308,8 +331,8 @@ def main(argv=None) -> int:
     for row in rows.values():
         row["summary"] = summarise(row["runs"], preset.eval_examples, preset.autoattack_examples)
     table = markdown_table(rows)
-    if len(seeds) > 1 and "cure" in rows:
-        table += "\n\n" + paired_differences_table(rows, "cure")
+    if len(seeds) > 1:
+        table += "\n\n" + paired_differences_table(rows, args.reference)
     total = time.perf_counter() - started
     settings = dataclasses.asdict(preset)
     note = (
@@ -323,8 +346,8 @@ def main(argv=None) -> int:
         f"C&W-inf 30 steps)" + (f", AutoAttack (standard) on the first {preset.autoattack_examples} of them" if preset.autoattack_examples else "")
         + f". Seeds {seeds}: each cell is the mean ± standard deviation over seeds (every seed trains its own natural "
         f"model and every method from it), and in brackets the 95 % Wilson interval of one run's accuracy at that "
-        f"mean on these examples. The second table pairs runs of one seed (same natural model, same examples): cure "
-        f"minus each row, mean and 95 % t-interval over seeds, * where the interval excludes 0 (a difference these seeds "
+        f"mean on these examples. The second table pairs runs of one seed (same natural model, same examples): "
+        f"{args.reference} minus each row, mean and 95 % t-interval over seeds, * where the interval excludes 0 (a difference these seeds "
         f"resolve). Total {total / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} "
         f"threads, {datetime.date.today().isoformat()}."
     )
@@ -334,8 +357,9 @@ def main(argv=None) -> int:
     (out / "tradeoff.md").write_text(table + "\n\n" + note + "\n")
     (out / "tradeoff.json").write_text(json.dumps({"preset": args.preset, "settings": settings, "seeds": seeds,
                                                    "total_seconds": total, "rows": rows, "curve": curve, "note": note,
-                                                   "paired_differences": paired_differences(rows, "cure")
-                                                   if len(seeds) > 1 and "cure" in rows else None}, indent=2))
+                                                   "reference": args.reference,
+                                                   "paired_differences": paired_differences(rows, args.reference)
+                                                   if len(seeds) > 1 else None}, indent=2))
     return 0
 
 

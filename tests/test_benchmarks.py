@@ -51,3 +51,16 @@ def test_data_pipeline_benchmark_reports_both_rates(streaming, tmp_path):
     assert result["streaming"] == bool(streaming)
     assert set(result["pipeline_images_per_second"]) == {"0"} and result["pipeline_images_per_second"]["0"] > 0
     assert result["step_images_per_second"] > 0 and result["step"] == "cure on cifar_resnet18, 1 attack steps"
+
+
+def test_cure_grid_adds_a_row_per_combination_on_top_of_the_preset_cure_row():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from tradeoff import PRESETS, grid_rows, runs_for
+
+    preset = PRESETS["cpu-small"]
+    rows = grid_rows(preset, "beta=5,8; percentile=10,30")
+    assert list(rows) == ["cure (beta=5, percentile=10)", "cure (beta=5, percentile=30)",
+                          "cure (beta=8, percentile=10)", "cure (beta=8, percentile=30)"]
+    assert rows["cure (beta=8, percentile=10)"] == {**runs_for(preset)["cure"], "beta": 8, "percentile": 10}
+    with pytest.raises(SystemExit, match="'betta=5'"):
+        grid_rows(preset, "betta=5")
