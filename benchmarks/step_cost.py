@@ -13,6 +13,7 @@ into the parts CURE adds to TRADES (the labels in cure_hub/methods/cure.py).
     python benchmarks/step_cost.py --width 64 --batch-size 128 --repeats 7 --breakdown
     python benchmarks/step_cost.py --model vit_small --batch-size 128 --breakdown
     python benchmarks/step_cost.py --width 64 --batch-size 128 --mask-interval 4   # + amortised masks
+    python benchmarks/step_cost.py --methods trades,cure --compile                  # + torch.compile
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ from cure_hub.methods import build_method
 from cure_hub.trainer import keep_freed_heap_memory
 
 
-def build(args, method_name: str, mask_interval: int = 1):
+def build(args, method_name: str, mask_interval: int = 1, compiled: bool = False):
     torch.manual_seed(0)
     kwargs = {"width": args.width} if args.model.startswith("cifar_resnet") else {}
     model = cure_hub.create_model(args.model, num_classes=10, image_size=args.image_size, **kwargs).to(args.device)
+    if compiled:  # as the trainer does with --compile
+        model.compile()
     extra = {"mask_interval": mask_interval} if method_name == "cure" else {}
     method = build_method(MethodConfig(method=method_name, **extra), AttackConfig(steps=args.attack_steps))
+    method.compile_models = compiled
     method.setup(model, total_steps=1000)
     method.record_statistics = False  # as on the steps the trainer does not log
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true", help="Also split one CURE step into its parts.")
     parser.add_argument("--mask-interval", type=int, default=0,
                         help="Also time CURE with masks every K steps (amortised: each round times K steps).")
+    parser.add_argument("--compile", action="store_true",
+                        help="Also time TRADES and CURE compiled as --compile trains them (compiled in the warm-up round).")
     parser.add_argument("--default-allocator", action="store_true", help="Leave glibc's heap trimming on (the trainer turns it off on a CPU).")
     parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args(argv)
@@ -146,6 +152,12 @@ def main(argv=None) -> int:
         name = f"cure-k{args.mask_interval}"
         methods.append(name)
         setups[name], steps_per_round[name] = build(args, "cure", args.mask_interval), args.mask_interval
+    if args.compile:
+        for name in ("trades", "cure"):
+            if name in setups:
+                methods.append(f"{name}+compile")
+                setups[f"{name}+compile"] = build(args, name, compiled=True)
+                steps_per_round[f"{name}+compile"] = 1
     times = {name: [] for name in methods}
     for repeat in range(args.repeats + 1):  # the first round is the warm-up
         for name, (model, method, optimizer) in setups.items():

@@ -346,10 +346,12 @@ def main(argv=None) -> int:
         f"C&W-inf 30 steps)" + (f", AutoAttack (standard) on the first {preset.autoattack_examples} of them" if preset.autoattack_examples else "")
         + f". Seeds {seeds}: each cell is the mean ± standard deviation over seeds (every seed trains its own natural "
         f"model and every method from it), and in brackets the 95 % Wilson interval of one run's accuracy at that "
-        f"mean on these examples. The second table pairs runs of one seed (same natural model, same examples): "
-        f"{args.reference} minus each row, mean and 95 % t-interval over seeds, * where the interval excludes 0 (a difference these seeds "
-        f"resolve). Total {total / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} "
-        f"threads, {datetime.date.today().isoformat()}."
+        f"mean on these examples. "
+        + (f"The second table pairs runs of one seed (same natural model, same examples): {args.reference} minus each "
+           f"row, mean and 95 % t-interval over seeds, * where the interval excludes 0 (a difference these seeds "
+           f"resolve). " if len(seeds) > 1 else "")
+        + f"Total {total / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} threads, "
+        f"{datetime.date.today().isoformat()}."
     )
     print(table)
     print(note)

@@ -331,6 +331,12 @@ class OptimConfig:
     mixed_precision: str = dataclasses.field(
         default="no", metadata={"help": "Mixed precision.", "choices": ("no", "bf16", "fp16")}
     )
+    compile: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Compile the model (and CURE's revision model) with torch.compile for training and evaluation. "
+                          "The first step and evaluation compile, for minutes; float rounding changes, so it is fixed at "
+                          "resume. benchmarks/step_cost.py --compile measures whether it pays."},
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "Random seed (data order, attacks, revision draws)."})
 
     def __post_init__(self):

@@ -257,6 +257,8 @@ class Trainer:
         else:
             data = load_data(config.data)
         model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
+        if config.optim.compile:  # in place: the module, its state dict and its wrappers stay as they are
+            model.compile()
         if config.method.method == "cure" and config.method.use_rgp:  # a head that cannot be found fails now, not after the warm-up
             masked_parameter_names(model, config.method.mask_scope, config.method.mask_include, config.method.mask_exclude)
         self.augmentation = augmentation_for(config.data.augment, data.image_size)
@@ -307,6 +309,7 @@ class Trainer:
         self.natural = build_method(MethodConfig(method="standard"), config.attack)
         self.method = build_method(config.method, config.attack)
         self.method.generator = self.attack_generator
+        self.method.compile_models = config.optim.compile
         if accelerator.scaler is not None:  # fp16: CURE's own gradients need the loss's scaling
             self.method.scale_loss = accelerator.scaler.scale
         self.method_started = False

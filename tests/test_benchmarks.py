@@ -14,16 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_tradeoff_smoke_preset_over_two_seeds(tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "tradeoff.py"), "--preset", "smoke", "--dataset", "digits",
-               "--seeds", "0,1", "--methods", "trades,cure", "--curve-points", "3", "--output-dir", str(tmp_path)]
+               "--seeds", "0,1", "--methods", "trades,cure", "--cure-grid", "gamma=0", "--curve-points", "3",
+               "--output-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     header = "| model | Nat | PGD-20 | C&W | AA | NRR (C&W) | NRR (AA) | training time |"
     table = (tmp_path / "tradeoff.md").read_text()
     assert header in table
     rows = [line for line in table.split("\n\n")[0].splitlines() if line.startswith(("| natural", "| trades", "| cure"))]
-    assert len(rows) == 3 and all(row.count(" ± ") == 4 for row in rows)  # Nat, PGD-20, C&W, NRR (C&W); no AA here
+    assert len(rows) == 4 and all(row.count(" ± ") == 4 for row in rows)  # Nat, PGD-20, C&W, NRR (C&W); no AA here
     result = json.loads((tmp_path / "tradeoff.json").read_text())
-    assert result["seeds"] == [0, 1] and list(result["rows"]) == ["natural (start)", "trades", "cure"]
+    assert result["seeds"] == [0, 1] and list(result["rows"]) == ["natural (start)", "trades", "cure", "cure (gamma=0)"]
+    assert result["rows"]["cure (gamma=0)"]["method"] == {**result["rows"]["cure"]["method"], "gamma": 0}
     for row in result["rows"].values():
         nat = row["summary"]["Nat"]
         assert [run["seed"] for run in row["runs"]] == [0, 1] and len(nat["values"]) == 2

@@ -194,7 +194,9 @@ class CURE(Method):
         self._statistics: dict[str, torch.Tensor] = {}
         self.revision_model = None
         if config.use_revision:
-            self.revision_model = copy.deepcopy(model).requires_grad_(False)
+            self.revision_model = copy.deepcopy(model).requires_grad_(False)  # a copy is not compiled, even of a compiled model
+            if self.compile_models:
+                self.revision_model.compile()
             # Each process has updated its batch-norm statistics on its own batches: start from their mean.
             for buffer, mean in zip(_floating_buffers(self.revision_model), _mean_across_processes(_floating_buffers(model))):
                 buffer.copy_(mean)
