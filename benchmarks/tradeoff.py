@@ -129,7 +129,10 @@ def grid_rows(preset: Preset, grid: str) -> dict[str, dict]:
             for combination in itertools.product(*axes)}
 
 
-def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int, lr: float, seed: int, init_from=None) -> float:
+def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int, lr: float, seed: int, init_from=None,
+          reuse: bool = False) -> float:
+    """Trains one row's model into ``output`` and returns the seconds it took. With ``reuse``, a
+    finished run already there with the same configuration is kept (its recorded time returned)."""
     config = TrainConfig.from_dict({
         "model": {"model": preset.model, "model_kwargs": preset.model_kwargs, "init_from": init_from},
         "data": {"dataset": dataset, "train_subset": preset.train_subset, "eval_subset": min(preset.eval_examples, 200),
@@ -141,6 +144,10 @@ def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int,
         "run": {"output_dir": str(output), "overwrite_output_dir": True, "eval_every_epochs": max(epochs, 1),
                 "eval_attack_steps": 10, "log_every_steps": 50},
     })
+    summary = output / "summary.json"
+    if reuse and summary.is_file() and TrainConfig.from_yaml(str(output / "config.yaml")).to_dict() == config.to_dict():
+        print(f"kept the finished run {output}", flush=True)
+        return json.loads(summary.read_text())["train_seconds"]
     start = time.perf_counter()
     Trainer(config).train()
     return time.perf_counter() - start
@@ -283,6 +290,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cure-grid", help="Add a cure row per combination of these method settings, e.g. "
                         "'beta=5,8;percentile=10,30' (a settings search: run it on seeds the table does not use).")
     parser.add_argument("--reference", default="cure", help="The row the paired-differences table subtracts the others from.")
+    parser.add_argument("--reuse-runs", action="store_true", help="Keep the finished runs already in --output-dir whose "
+                        "configuration matches, and evaluate them again (an interrupted benchmark, or more attacks: "
+                        "--autoattack-examples 250); train the rest.")
     parser.add_argument("--curve-points", type=int, default=6, help="Points of the cure run's interpolation curve (0: none).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply data sizes and epochs (a smoke test: 0.1).")
@@ -319,11 +329,12 @@ def main(argv=None) -> int:
     for seed in seeds:
         natural = Path(args.natural_run) if args.natural_run else out / f"seed{seed}" / "natural"
         seconds = 0.0 if args.natural_run else train(preset, args.dataset, natural, {"method": "standard"}, preset.natural_epochs,
-                                                     preset.natural_lr, seed)
+                                                     preset.natural_lr, seed, reuse=args.reuse_runs)
         rows["natural (start)"]["runs"].append({"seed": seed, "train_seconds": seconds, "eval": evaluate(natural, args.dataset, preset, args.device)})
         for name, method in chosen.items():
             run = out / f"seed{seed}" / name.replace(" ", "_").replace("(", "").replace(")", "")
-            seconds = train(preset, args.dataset, run, method, preset.epochs, preset.lr, seed, init_from=str(natural))
+            seconds = train(preset, args.dataset, run, method, preset.epochs, preset.lr, seed, init_from=str(natural),
+                            reuse=args.reuse_runs)
             rows[name]["runs"].append({"seed": seed, "train_seconds": seconds, "eval": evaluate(run, args.dataset, preset, args.device)})
             print(f"seed {seed} {name}: {rows[name]['runs'][-1]['eval']['accuracy']} in {seconds / 60:.1f} min", flush=True)
             if name == "cure" and curve is None and args.curve_points > 1:
