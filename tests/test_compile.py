@@ -2,6 +2,8 @@
 retained graph, the revision model's inference-mode forward) runs compiled, agrees with eager
 execution and compiles once, not every step."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -38,6 +40,7 @@ def cure_steps(compiled: bool, steps: int, recompile_is_an_error_after: int | No
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's Inductor needs a C++ compiler on a CPU")
 def test_compiled_cure_steps_agree_with_eager_and_compile_once():
     _, _, eager_losses, eager = cure_steps(compiled=False, steps=1)
     model, method, losses, compiled = cure_steps(compiled=True, steps=4, recompile_is_an_error_after=2)
