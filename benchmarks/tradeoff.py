@@ -215,7 +215,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 
 #: The columns compared seed by seed.
-PAIRED_COLUMNS = ("Nat", "PGD-20", "C&W", "NRR (C&W)")
+PAIRED_COLUMNS = ("Nat", "PGD-20", "C&W", "AA", "NRR (C&W)", "NRR (AA)")
 
 
 def paired_differences(rows: dict[str, dict], reference: str) -> dict[str, dict]:
