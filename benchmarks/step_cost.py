@@ -33,6 +33,7 @@ import torch
 import cure_hub
 from cure_hub.config import METHODS, AttackConfig, MethodConfig
 from cure_hub.methods import build_method
+from cure_hub.methods.cure import allow_retained_graphs_when_compiled
 from cure_hub.trainer import keep_freed_heap_memory
 
 
@@ -42,6 +43,8 @@ def build(args, method_name: str, mask_interval: int = 1, compiled: bool = False
     model = cure_hub.create_model(args.model, num_classes=10, image_size=args.image_size, **kwargs).to(args.device)
     if compiled:  # as the trainer does with --compile
         model.compile()
+        if method_name == "cure":
+            allow_retained_graphs_when_compiled()
     extra = {"mask_interval": mask_interval} if method_name == "cure" else {}
     method = build_method(MethodConfig(method=method_name, **extra), AttackConfig(steps=args.attack_steps))
     method.compile_models = compiled

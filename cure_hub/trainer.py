@@ -52,7 +52,7 @@ from .data import augment, augmentation_for, collate, load_data
 from .streaming import StreamedEpochs, load_streamed_data
 from .methods import Method, build_method
 from .methods.base import unwrap
-from .methods.cure import masked_parameter_names
+from .methods.cure import allow_retained_graphs_when_compiled, masked_parameter_names
 from .models import (
     CheckpointMismatchError,
     RobustClassifier,
@@ -259,6 +259,8 @@ class Trainer:
         model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
         if config.optim.compile:  # in place: the module, its state dict and its wrappers stay as they are
             model.compile()
+            if config.method.method == "cure":
+                allow_retained_graphs_when_compiled()
         if config.method.method == "cure" and config.method.use_rgp:  # a head that cannot be found fails now, not after the warm-up
             masked_parameter_names(model, config.method.mask_scope, config.method.mask_include, config.method.mask_exclude)
         self.augmentation = augmentation_for(config.data.augment, data.image_size)

@@ -9,6 +9,7 @@ import torch
 
 from cure_hub.config import AttackConfig, MethodConfig
 from cure_hub.methods import build_method
+from cure_hub.methods.cure import allow_retained_graphs_when_compiled
 from helpers import robust_vs_fragile_task, tiny_model
 
 
@@ -17,6 +18,7 @@ def cure_steps(compiled: bool, steps: int, recompile_is_an_error_after: int | No
     model = tiny_model()
     if compiled:  # as the trainer compiles with --compile
         model.compile()
+        allow_retained_graphs_when_compiled()
     method = build_method(MethodConfig(method="cure", percentile=30, revision_rate=1.0, revision_decay=0.5), AttackConfig(steps=2))
     method.compile_models = compiled
     method.setup(model, total_steps=steps)

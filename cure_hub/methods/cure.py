@@ -347,6 +347,13 @@ class CURE(Method):
             self._masks, self._step = [mask.to(p.device) for mask, p in zip(state["masks"], self.masked_params)], state["step"]
 
 
+def allow_retained_graphs_when_compiled() -> None:
+    """RGP's gradients are taken with a retained graph (``_grads``), which a compiled backward that
+    donates its saved buffers refuses ("non-empty donated buffers"): compiled graphs must keep them.
+    Called before the first compiled step (Inductor reads it when it compiles the backward)."""
+    torch._functorch.config.donated_buffer = False
+
+
 def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
