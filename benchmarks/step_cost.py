@@ -26,14 +26,14 @@ import re
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 import cure_hub
 from cure_hub.config import METHODS, AttackConfig, MethodConfig
-from cure_hub.methods import build_method
-from cure_hub.methods.cure import allow_retained_graphs_when_compiled
+from cure_hub.methods import build_method, compile_for_training
 from cure_hub.trainer import keep_freed_heap_memory
 
 
@@ -41,10 +41,8 @@ def build(args, method_name: str, mask_interval: int = 1, compiled: bool = False
     torch.manual_seed(0)
     kwargs = {"width": args.width} if args.model.startswith("cifar_resnet") else {}
     model = cure_hub.create_model(args.model, num_classes=10, image_size=args.image_size, **kwargs).to(args.device)
-    if compiled:  # as the trainer does with --compile
-        model.compile()
-        if method_name == "cure":
-            allow_retained_graphs_when_compiled()
+    if compiled:
+        compile_for_training(model, method_name)
     extra = {"mask_interval": mask_interval} if method_name == "cure" else {}
     method = build_method(MethodConfig(method=method_name, **extra), AttackConfig(steps=args.attack_steps))
     method.compile_models = compiled
@@ -54,9 +52,10 @@ def build(args, method_name: str, mask_interval: int = 1, compiled: bool = False
     return model, method, optimizer
 
 
-def train_step(model, method, optimizer, images, labels, step: int) -> None:
-    output = method.compute_loss(model, images, labels)
-    output.loss.backward()
+def train_step(model, method, optimizer, images, labels, step: int, bf16: bool = False) -> None:
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):  # as the trainer's bf16
+        output = method.compute_loss(model, images, labels)
+        output.loss.backward()
     method.before_optimizer_step(model)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -91,7 +90,7 @@ def measure_memory(args, setup, step: int) -> float | None:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        train_step(model, method, optimizer, images, labels, step)
+        train_step(model, method, optimizer, images, labels, step, args.bf16)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed blocks back, so the step must fault its own pages in
@@ -99,12 +98,13 @@ def measure_memory(args, setup, step: int) -> float | None:
     except OSError:
         return None
     base = _rss_mib()
-    train_step(model, method, optimizer, images, labels, step)
+    train_step(model, method, optimizer, images, labels, step, args.bf16)
     return _peak_rss_mib() - base
 
 
 def cure_breakdown(args, setup) -> dict[str, float]:
-    """Seconds of one CURE step spent in each labelled part."""
+    """Seconds of one CURE step spent in each labelled part (on a GPU, the parts' spans on the device)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     model, method, optimizer = setup
@@ -112,10 +112,19 @@ def cure_breakdown(args, setup) -> dict[str, float]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        train_step(model, method, optimizer, images, labels, 0)
+        train_step(model, method, optimizer, images, labels, 0, args.bf16)
         synchronise(args.device)
-    total = time.perf_counter() - start
-    parts = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("cure.")}
+    if args.device.startswith("cuda"):  # the host only queues kernels: the labels' spans on the device
+        on_device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        total = (max(e.time_range.end for e in on_device) - min(e.time_range.start for e in on_device)) / 1e6
+        parts = defaultdict(float)
+        for event in on_device:
+            if event.name.startswith("cure."):
+                parts[event.name] += event.time_range.elapsed_us() / 1e6
+        parts = dict(parts)
+    else:
+        total = time.perf_counter() - start
+        parts = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("cure.")}
     parts["rest (backward of L, optimiser)"] = total - sum(parts.values())
     return parts
 
@@ -130,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps per method (median reported).")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="Train under bf16 autocast, as --mixed-precision bf16 does.")
     parser.add_argument("--quick", action="store_true", help="Width 16, 3 repeats: under a minute on 2 cores.")
     parser.add_argument("--breakdown", action="store_true", help="Also split one CURE step into its parts.")
     parser.add_argument("--mask-interval", type=int, default=0,
@@ -167,14 +177,14 @@ def main(argv=None) -> int:
             synchronise(args.device)
             start = time.perf_counter()
             for step in range(repeat * steps_per_round[name], (repeat + 1) * steps_per_round[name]):
-                train_step(model, method, optimizer, images, labels, step)
+                train_step(model, method, optimizer, images, labels, step, args.bf16)
             synchronise(args.device)
             if repeat:  # per step: a round of cure-kK holds one mask step and K - 1 without
                 times[name].append((time.perf_counter() - start) / steps_per_round[name])
 
     width = f" width {args.width}" if args.model.startswith("cifar_resnet") else ""
     print(f"# {args.model}{width} at {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.attack_steps} attack steps, "
-          f"{args.device}, {torch.get_num_threads()} threads, median of {args.repeats}")
+          f"{'bf16' if args.bf16 else 'fp32'}, {args.device}, {torch.get_num_threads()} threads, median of {args.repeats}")
     results = {}
     for name in methods:
         seconds = statistics.median(times[name])

@@ -50,9 +50,9 @@ from .attacks import eval_mode, pgd_attack
 from .config import AttackConfig, InputError, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
 from .data import augment, augmentation_for, collate, load_data
 from .streaming import StreamedEpochs, load_streamed_data
-from .methods import Method, build_method
+from .methods import Method, build_method, compile_for_training
 from .methods.base import unwrap
-from .methods.cure import allow_retained_graphs_when_compiled, masked_parameter_names
+from .methods.cure import masked_parameter_names
 from .models import (
     CheckpointMismatchError,
     RobustClassifier,
@@ -257,10 +257,8 @@ class Trainer:
         else:
             data = load_data(config.data)
         model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
-        if config.optim.compile:  # in place: the module, its state dict and its wrappers stay as they are
-            model.compile()
-            if config.method.method == "cure":
-                allow_retained_graphs_when_compiled()
+        if config.optim.compile:
+            compile_for_training(model, config.method.method)
         if config.method.method == "cure" and config.method.use_rgp:  # a head that cannot be found fails now, not after the warm-up
             masked_parameter_names(model, config.method.mask_scope, config.method.mask_include, config.method.mask_exclude)
         self.augmentation = augmentation_for(config.data.augment, data.image_size)

@@ -8,33 +8,32 @@ import pytest
 import torch
 
 from cure_hub.config import AttackConfig, MethodConfig
-from cure_hub.methods import build_method
-from cure_hub.methods.cure import allow_retained_graphs_when_compiled
+from cure_hub.methods import build_method, compile_for_training
 from helpers import robust_vs_fragile_task, tiny_model
 
 
 def cure_steps(compiled: bool, steps: int, recompile_is_an_error_after: int | None = None):
     images, labels = robust_vs_fragile_task(16)
     model = tiny_model()
-    if compiled:  # as the trainer compiles with --compile
-        model.compile()
-        allow_retained_graphs_when_compiled()
+    if compiled:
+        compile_for_training(model, "cure")
     method = build_method(MethodConfig(method="cure", percentile=30, revision_rate=1.0, revision_decay=0.5), AttackConfig(steps=2))
     method.compile_models = compiled
     method.setup(model, total_steps=steps)
     method.generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses, first = [], None
+    losses = []
     for step in range(steps):
         with torch._dynamo.config.patch(error_on_recompile=recompile_is_an_error_after is not None
                                         and step >= recompile_is_an_error_after):
             output = method.compute_loss(model, images, labels)
             optimizer.zero_grad()
             output.loss.backward()
-            scores = [g.detach().clone() for g in method._rgp_grads]
+            if step == 0:
+                first = {"scores": [g.detach().clone() for g in method._rgp_grads]}
             method.before_optimizer_step(model)
-        if first is None:
-            first = {"scores": scores, "updated": [param.grad != 0 for param in method.masked_params]}
+        if step == 0:
+            first["updated"] = [param.grad != 0 for param in method.masked_params]
         optimizer.step()
         method.after_optimizer_step(model, step)
         losses.append(output.loss.item())

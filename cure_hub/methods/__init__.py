@@ -1,5 +1,8 @@
 """Training methods behind one interface (:class:`Method`); :func:`build_method` picks one by name."""
 
+import torch
+from torch import nn
+
 from ..config import AttackConfig, MethodConfig
 from .base import Method, StepOutput
 from .cure import CURE
@@ -15,4 +18,15 @@ def build_method(config: MethodConfig, attack: AttackConfig) -> Method:
     return METHOD_CLASSES[config.method](config, attack)
 
 
-__all__ = ["CURE", "MART", "METHOD_CLASSES", "Method", "PGDAdversarialTraining", "StandardTraining", "StepOutput", "TRADES", "build_method"]
+def compile_for_training(model: nn.Module, method_name: str) -> None:
+    """``--compile``: compiles ``model`` in place, so that its state dict, its wrappers and its
+    exports stay as they are. A method that takes gradients through a retained graph (CURE's RGP)
+    needs compiled backwards that keep their saved buffers rather than donate them ("non-empty
+    donated buffers"); Inductor reads that switch when it compiles, so it is set here, before the
+    first compiled step, which can come before the method starts (``--warmup-epochs``)."""
+    model.compile()
+    if METHOD_CLASSES[method_name].retains_graph:
+        torch._functorch.config.donated_buffer = False
+
+
+__all__ = ["CURE", "MART", "METHOD_CLASSES", "Method", "PGDAdversarialTraining", "StandardTraining", "StepOutput", "TRADES", "build_method", "compile_for_training"]

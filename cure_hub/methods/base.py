@@ -49,6 +49,8 @@ class Method:
     name: ClassVar[str]
     #: The attack's random start when the attack config leaves it unset.
     default_random_start: ClassVar[str] = "normal"
+    #: Whether the method differentiates through a retained graph (see :func:`compile_for_training`).
+    retains_graph: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, attack: AttackConfig):
         self.config = config

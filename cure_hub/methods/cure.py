@@ -83,14 +83,16 @@ def _keep_masks_by_segmented_sort(scores: list[torch.Tensor], percent: float) ->
     flat = torch.cat([torch.nan_to_num(score.detach().reshape(-1), nan=math.inf, posinf=math.inf, neginf=-math.inf)
                       for score in scores])
     total = flat.numel()
-    tensor_of = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device),
-                                        output_size=total)
+    # The sizes, block starts and conserved counts reach the device in one copy from pinned memory,
+    # which the host does not wait for (a copy from pageable memory would block it).
+    layout = torch.tensor([sizes, [0, *itertools.accumulate(sizes)][:-1], [math.floor(percent * n / 100) for n in sizes]],
+                          pin_memory=device.type == "cuda")
+    sizes_on_device, starts, conserved = layout.to(device, non_blocking=True)
+    tensor_of = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_on_device, output_size=total)
     by_score = flat.sort(stable=True).indices
     order = by_score[tensor_of[by_score].sort(stable=True).indices]
     # In ``order`` the tensors' entries stand in blocks, in the tensors' order: entry i of it
     # belongs to tensor tensor_of[i], at rank i - start of its block.
-    starts = torch.tensor([0, *itertools.accumulate(sizes)][:-1], device=device)
-    conserved = torch.tensor([math.floor(percent * n / 100) for n in sizes], device=device)
     keep_in_order = torch.arange(total, device=device) - starts[tensor_of] >= conserved[tensor_of]
     keep = torch.empty(total, dtype=torch.bool, device=device)
     keep[order] = keep_in_order
@@ -175,6 +177,7 @@ def masked_parameter_names(model: nn.Module, scope: str, include=None, exclude=(
 
 class CURE(Method):
     name = "cure"
+    retains_graph = True  # the RGP gradients of both branches come from one graph (_grads)
 
     def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
         config = self.config
@@ -346,12 +349,6 @@ class CURE(Method):
         if "masks" in state:
             self._masks, self._step = [mask.to(p.device) for mask, p in zip(state["masks"], self.masked_params)], state["step"]
 
-
-def allow_retained_graphs_when_compiled() -> None:
-    """RGP's gradients are taken with a retained graph (``_grads``), which a compiled backward that
-    donates its saved buffers refuses ("non-empty donated buffers"): compiled graphs must keep them.
-    Called before the first compiled step (Inductor reads it when it compiles the backward)."""
-    torch._functorch.config.donated_buffer = False
 
 
 def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
