@@ -118,21 +118,24 @@ def many_scores(kind: str) -> list[torch.Tensor]:
         "ties": lambda shape: torch.randint(0, 3, shape, generator=generator).float(),
         "constant": lambda shape: torch.full(shape, 0.25),
         "signed": lambda shape: torch.randn(shape, generator=generator),  # --rgp-signed scores
+        "signed zeros": lambda shape: (torch.randint(-1, 2, shape, generator=generator) * 0.0)  # -0.0 ties 0.0
+        .masked_fill(torch.rand(shape, generator=generator) < 0.1, -1e-30),
+        "bf16": lambda shape: torch.randn(shape, generator=generator).bfloat16(),  # many ties, and exact in float32
         "non-finite": lambda shape: torch.rand(shape, generator=generator).masked_fill(
             torch.rand(shape, generator=generator) < 0.05, math.nan).masked_fill(torch.rand(shape, generator=generator) < 0.02, -math.inf),
     }[kind]
     return [make(shape) for shape in shapes]
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "constant", "signed", "non-finite"])
+@pytest.mark.parametrize("kind", ["random", "ties", "constant", "signed", "signed zeros", "bf16", "non-finite"])
 @pytest.mark.parametrize("percent", [0.01, 30.0, 50.0, 99.9])
 def test_masks_of_many_tensors_at_once_match_the_reference(kind, percent):
-    """The accelerator path (two sorts for all tensors) gives each tensor the reference's mask,
+    """The accelerator path (one sort for all tensors) gives each tensor the reference's mask,
     ties and non-finite scores included; so does the CPU path of prominence_masks."""
     scores = many_scores(kind)
     together = _keep_masks_by_segmented_sort(scores, percent)
     for score, keep, one_by_one in zip(scores, together, prominence_masks(scores, percent)):
-        expected = reference_mask(score.numpy(), percent)
+        expected = reference_mask(score.float().numpy(), percent)
         assert keep.dtype == torch.bool and keep.shape == score.shape
         np.testing.assert_array_equal(keep.numpy(), expected)
         np.testing.assert_array_equal(one_by_one.numpy(), expected)

@@ -63,25 +63,29 @@ def prominence_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
 
 def prominence_masks(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
     """:func:`prominence_mask` of each of ``scores``. On a CPU one tensor at a time (the sampled
-    selection is faster there than sorting); on an accelerator all of them together, in two sorts
+    selection is faster there than sorting); on an accelerator all of them together, in one sort
     and a scatter whatever their number, with nothing read back to the host
     (:func:`_keep_masks_by_segmented_sort`)."""
     if not scores:
         return []
-    if scores[0].device.type == "cpu":
+    if scores[0].device.type == "cpu" or any(score.dtype == torch.float64 for score in scores):
         return [prominence_mask(score, percent) for score in scores]
     return _keep_masks_by_segmented_sort(scores, percent)
 
 
 def _keep_masks_by_segmented_sort(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
-    """The masks of all ``scores`` at once: a stable sort by score, then a stable sort by tensor,
-    puts every tensor's entries in ascending order of score, ties in order of position (the
-    reference's order); each tensor's first ``floor(percent * n / 100)`` entries in that order are
-    conserved. Fixed shapes, int64 positions (past 2^31 entries in all), no host synchronisation."""
+    """The masks of all ``scores`` at once, by one stable sort of a combined key: the tensor's index
+    in the high 32 bits, the score's float32 bits made order-preserving in the low 32. Sorted, each
+    tensor's entries stand in one block, in the tensors' order, in ascending order of score, ties in
+    order of position (the reference's order); each tensor's first ``floor(percent * n / 100)``
+    entries in its block are conserved. Fixed shapes, int64 positions (past 2^31 entries in all),
+    no host synchronisation. Exact for scores of 32 bits or fewer (float64 ones take the per-tensor
+    path)."""
     sizes = [score.numel() for score in scores]
     device = scores[0].device
-    flat = torch.cat([torch.nan_to_num(score.detach().reshape(-1), nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    flat = torch.cat([torch.nan_to_num(score.detach().reshape(-1).float(), nan=math.inf, posinf=math.inf, neginf=-math.inf)
                       for score in scores])
+    flat = torch.where(flat == 0, 0.0, flat)  # -0.0 and 0.0 tie, as they compare equal
     total = flat.numel()
     # The sizes, block starts and conserved counts reach the device in one copy from pinned memory,
     # which the host does not wait for (a copy from pageable memory would block it).
@@ -89,10 +93,10 @@ def _keep_masks_by_segmented_sort(scores: list[torch.Tensor], percent: float) ->
                           pin_memory=device.type == "cuda")
     sizes_on_device, starts, conserved = layout.to(device, non_blocking=True)
     tensor_of = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_on_device, output_size=total)
-    by_score = flat.sort(stable=True).indices
-    order = by_score[tensor_of[by_score].sort(stable=True).indices]
-    # In ``order`` the tensors' entries stand in blocks, in the tensors' order: entry i of it
-    # belongs to tensor tensor_of[i], at rank i - start of its block.
+    bits = flat.view(torch.int32).to(torch.int64)  # sign and magnitude, read as two's complement
+    ascending = torch.where(bits < 0, ~bits, bits + 2**31)  # in [0, 2^32), in the order of the floats
+    order = (tensor_of * 2**32 + ascending).sort(stable=True).indices
+    # Entry i of ``order`` belongs to tensor tensor_of[i], at rank i - start of its block.
     keep_in_order = torch.arange(total, device=device) - starts[tensor_of] >= conserved[tensor_of]
     keep = torch.empty(total, dtype=torch.bool, device=device)
     keep[order] = keep_in_order
