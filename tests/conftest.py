@@ -2,11 +2,19 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from cure_hub.config import TrainConfig
 from cure_hub.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (pytest -n N) the N workers share the cores: each takes its share of threads,
+# and so do the processes its tests start, or N pools of all-core threads slow each other down
+# several times over. OMP_NUM_THREADS, when set, is left as it is.
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,21 @@
 """Small tasks and models shared by the tests."""
 
+import socket
+
 import torch
 from torch import nn
 
 import cure_hub
 from cure_hub.attacks import pgd_attack
 from cure_hub.config import AttackConfig
+
+
+def free_port() -> int:
+    """A port no process listens on now: for torchrun's rendezvous, so that tests running at once
+    (pytest -n) never share one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def robust_vs_fragile_task(n: int, size: int = 16, seed: int = 0, brightness_predicts: bool = True):

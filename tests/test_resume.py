@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cure_hub.arguments import parse_train_config
+from helpers import free_port
 from hub_server import LoopbackHub, hub_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +37,8 @@ def run(args, timeout=300, **popen):
     return subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=timeout, **popen)
 
 
-def torchrun(args, port, timeout=300):
-    command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
+def torchrun(args, timeout=300):
+    command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), *args]
     return run(command, timeout=timeout)
 
 
@@ -125,13 +126,13 @@ def test_two_process_run_killed_resumes_bitwise_equal(tmp_path):
     """Under torchrun (gloo), 4 steps an epoch: killed in the second epoch, each process's
     augmentation, attack and batch-norm state survives."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    result = torchrun([FAULT_RUN, "none", *FLAGS, "--output-dir", str(straight)], port=29541)
+    result = torchrun([FAULT_RUN, "none", *FLAGS, "--output-dir", str(straight)])
     assert result.returncode == 0, result.stderr[-3000:]
-    result = torchrun([FAULT_RUN, "step:7", *FLAGS, "--output-dir", str(killed)], port=29542)
+    result = torchrun([FAULT_RUN, "step:7", *FLAGS, "--output-dir", str(killed)])
     assert result.returncode != 0
     assert sorted(p.name for p in (killed / "checkpoints" / "step_0000006").glob("process_state_*")) == [
         "process_state_0.pt", "process_state_1.pt"]
-    resumed = torchrun([TRAIN, "--resume-from", str(killed)], port=29543)
+    resumed = torchrun([TRAIN, "--resume-from", str(killed)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stderr.count("resumed from") == 1 and resumed.stderr.count("saved the run to") == 1  # main process only
     assert_same_run(killed, straight)

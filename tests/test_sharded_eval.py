@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cure_hub.cli import main
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_EVAL = str(REPO / "tests" / "fault_eval.py")
@@ -22,7 +23,7 @@ ARGS = ["--dataset", "digits", "--n-examples", "40", "--attacks", "clean,pgd20,c
 
 
 def evaluate(natural_run: Path, output: Path, kill_at="none", processes=1, extra=()):
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"] if processes == 2 else []
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())] if processes == 2 else []
     command = [sys.executable, *launcher, FAULT_EVAL, kill_at, str(natural_run), *ARGS, "--output", str(output), *extra]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
 

@@ -87,7 +87,7 @@ def test_two_process_streamed_run_on_uneven_shards_ends_each_epoch_together(stre
     assert all(a != b for a, b in counts)
     output = tmp_path / "run"
     result = torchrun([FAULT_RUN, "none", *flags(streamed_digits), "--num-workers", "0", "--output-dir", str(output)],
-                      port=29561, timeout=240)
+                      timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((output / "summary.json").read_text())["steps"] == sum(min(epoch) for epoch in counts)
 

@@ -15,6 +15,7 @@ from cure_hub.cli import main as cli_main
 from cure_hub.config import METHODS, InputError, TrainConfig
 from cure_hub.plots import write_plots
 from cure_hub.trainer import Trainer, lr_multiplier
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -64,7 +65,7 @@ def test_accelerate_launch_trains_vit_small_on_cifar10(method, cifar10_dir, tmp_
 @pytest.mark.slow
 def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     script = str(REPO / "tests" / "distributed_cure.py")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     two = subprocess.run([*torchrun, script, str(tmp_path / "two"), "8"], env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, script, str(tmp_path / "one"), "16"], env=ENV, capture_output=True, text=True, timeout=300)
