@@ -1,6 +1,6 @@
 """--streaming: a training split read as a stream, never whole, trains like a loaded one and
-resumes bitwise exactly across an epoch boundary; two processes whose shards differ in size end
-every epoch together; each process reads its own examples."""
+resumes bitwise exactly, across an epoch boundary and under two processes whose shards differ in
+size (which end every epoch together); each process reads its own examples."""
 
 import json
 import signal
@@ -77,19 +77,26 @@ def test_streamed_run_counts_epochs_from_the_card(streamed_reference):
 
 
 @pytest.mark.slow
-def test_two_process_streamed_run_on_uneven_shards_ends_each_epoch_together(streamed_digits, tmp_path):
+def test_two_process_streamed_run_on_uneven_shards_resumes_bitwise_equal(streamed_digits, tmp_path):
     """Each process streams its own two shards, so one has more batches than the other: every
     epoch ends for both when the shorter runs out, not with one waiting for the other in a
-    collective (which would hang until the timeout). No loader workers here: each would drop its
-    own last partial batch, which the count below leaves out. (Bitwise resume under two processes
-    is tested in test_resume.py; of a stream, in one process above: the skipping is per process.)"""
+    collective (which would hang until the timeout); killed one step before its end and resumed,
+    each process replays its own stream and skips its own batches, and the run equals the straight
+    one. No loader workers here: each would drop its own last partial batch, which the count below
+    leaves out."""
     counts = [[len(examples_of(streamed_digits, rank, epoch)) // 64 for rank in (0, 1)] for epoch in (0, 1)]
     assert all(a != b for a, b in counts)
-    output = tmp_path / "run"
-    result = torchrun([FAULT_RUN, "none", *flags(streamed_digits), "--num-workers", "0", "--output-dir", str(output)],
-                      timeout=240)
+    steps = sum(min(epoch) for epoch in counts)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    two_processes = [*flags(streamed_digits), "--num-workers", "0"]
+    result = torchrun([FAULT_RUN, "none", *two_processes, "--output-dir", str(straight)], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((output / "summary.json").read_text())["steps"] == sum(min(epoch) for epoch in counts)
+    assert json.loads((straight / "summary.json").read_text())["steps"] == steps
+    result = torchrun([FAULT_RUN, f"step:{steps - 1}", *two_processes, "--output-dir", str(killed)], timeout=240)
+    assert result.returncode != 0
+    resumed = torchrun([TRAIN, "--resume-from", str(killed)], timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(killed, straight)
 
 
 def examples_of(dataset: Path, rank: int, epoch: int) -> list[tuple[bytes, int]]:
