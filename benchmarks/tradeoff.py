@@ -21,6 +21,7 @@ import datetime
 import itertools
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -113,6 +114,15 @@ def runs_for(preset: Preset) -> dict[str, dict]:
 
 
 DEFAULT_ROWS = 8
+
+
+def select_rows(rows: dict[str, dict], methods: str) -> dict[str, dict]:
+    """The rows named in ``methods``, comma-separated (a name's own commas stand in parentheses:
+    "pgd_at,cure (paper's r, d)"), in the table's order; a name that is no row is refused."""
+    names = re.split(r",(?![^()]*\))", methods)
+    if unknown := [name for name in names if name not in rows]:
+        raise SystemExit(f"--methods: no row named {', '.join(map(repr, unknown))}; the rows are: {'; '.join(rows)}")
+    return {name: method for name, method in rows.items() if name in names}
 
 
 def grid_rows(preset: Preset, grid: str) -> dict[str, dict]:
@@ -317,7 +327,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     chosen = runs_for(preset)
     if args.methods:
-        chosen = {k: v for k, v in chosen.items() if k in args.methods.split(",")}
+        chosen = select_rows(chosen, args.methods)
     else:
         chosen = dict(list(chosen.items())[:DEFAULT_ROWS])
     if args.cure_grid:

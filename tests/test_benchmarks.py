@@ -66,3 +66,13 @@ def test_cure_grid_adds_a_row_per_combination_on_top_of_the_preset_cure_row():
     assert rows["cure (beta=8, percentile=10)"] == {**runs_for(preset)["cure"], "beta": 8, "percentile": 10}
     with pytest.raises(SystemExit, match="'betta=5'"):
         grid_rows(preset, "betta=5")
+
+
+def test_methods_name_rows_whose_names_hold_commas():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from tradeoff import PRESETS, runs_for, select_rows
+
+    rows = runs_for(PRESETS["cpu-small"])
+    assert list(select_rows(rows, "cure (paper's r, d),pgd_at")) == ["pgd_at", "cure (paper's r, d)"]
+    with pytest.raises(SystemExit, match=r"no row named .cure \(paper's r\)."):
+        select_rows(rows, "pgd_at,cure (paper's r)")
