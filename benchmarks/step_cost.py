@@ -14,6 +14,8 @@ into the parts CURE adds to TRADES (the labels in cure_hub/methods/cure.py).
     python benchmarks/step_cost.py --model vit_small --batch-size 128 --breakdown
     python benchmarks/step_cost.py --width 64 --batch-size 128 --mask-interval 4   # + amortised masks
     python benchmarks/step_cost.py --methods trades,cure --compile                  # + torch.compile
+    python benchmarks/step_cost.py --device cuda --batch-size 128 --bf16            # bf16 autocast
+    bash benchmarks/cuda_checks.sh OUT                                               # every GPU check at once
 """
 
 from __future__ import annotations

@@ -354,7 +354,6 @@ class CURE(Method):
             self._masks, self._step = [mask.to(p.device) for mask, p in zip(state["masks"], self.masked_params)], state["step"]
 
 
-
 def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
