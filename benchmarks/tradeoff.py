@@ -20,11 +20,14 @@ import dataclasses
 import datetime
 import itertools
 import json
+import multiprocessing
+import os
 import platform
 import re
 import statistics
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -59,6 +62,7 @@ class Preset:
     beta_cure: float = 5.0
     mixed_precision: str = "no"
     augment: str = "auto"  # the trainer's --augment
+    channels_last: bool = False  # the trainer's --channels-last (faster on a CPU: docs/benchmarks.md)
 
 
 PRESETS = {
@@ -69,7 +73,7 @@ PRESETS = {
     "cpu-small": Preset(
         model="cifar_resnet18", model_kwargs={"width": 16}, train_subset=4000, eval_examples=1000,
         autoattack_examples=0, natural_epochs=15, natural_lr=0.1, epochs=3, lr=0.02, batch_size=128,
-        attack_steps=10, weight_decay=5e-4, revision_rate=0.5, revision_decay=0.95,
+        attack_steps=10, weight_decay=5e-4, revision_rate=0.5, revision_decay=0.95, channels_last=True,
     ),
     # Seconds, for CI: a narrow ResNet on a few hundred images (use --dataset digits).
     "smoke": Preset(
@@ -150,7 +154,8 @@ def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int,
         "method": method,
         "attack": {"steps": preset.attack_steps},
         "optim": {"epochs": epochs, "batch_size": preset.batch_size, "lr": lr, "lr_schedule": "cosine",
-                  "weight_decay": preset.weight_decay, "seed": seed, "mixed_precision": preset.mixed_precision},
+                  "weight_decay": preset.weight_decay, "seed": seed, "mixed_precision": preset.mixed_precision,
+                  "channels_last": preset.channels_last},
         "run": {"output_dir": str(output), "overwrite_output_dir": True, "eval_every_epochs": max(epochs, 1),
                 "eval_attack_steps": 10, "log_every_steps": 50},
     })
@@ -165,6 +170,8 @@ def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int,
 
 def evaluate(run: Path, dataset: str, preset: Preset, device: str) -> dict:
     model = load_robust_model(run)
+    if preset.channels_last:
+        model.to_channels_last()
     examples = load_eval_split(DataConfig(dataset=dataset), preset.eval_examples).dataset
     batches = DataLoader(examples, batch_size=250, collate_fn=collate)
     results = evaluate_robustness(model, batches, ["clean", "pgd20", "cw"], device=device, progress=False)
@@ -306,6 +313,8 @@ def main(argv=None) -> int:
     parser.add_argument("--curve-points", type=int, default=6, help="Points of the cure run's interpolation curve (0: none).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply data sizes and epochs (a smoke test: 0.1).")
+    parser.add_argument("--jobs", type=int, help="Runs trained and evaluated at a time, each in its own process "
+                        "(default: on a CPU one per thread, which is faster than threads within one run; on a GPU 1).")
     parser.add_argument("--autoattack-examples", type=int, help="AutoAttack on the first this-many evaluation examples "
                         "(default: the preset's; 0: none).")
     args = parser.parse_args(argv)
@@ -335,21 +344,11 @@ def main(argv=None) -> int:
     if args.reference not in chosen:
         parser.error(f"--reference {args.reference!r} is not among the rows: {', '.join(chosen)}")
     rows = {name: {"runs": [], "method": method} for name, method in {"natural (start)": None, **chosen}.items()}
-    curve = None
-    for seed in seeds:
-        natural = Path(args.natural_run) if args.natural_run else out / f"seed{seed}" / "natural"
-        seconds = 0.0 if args.natural_run else train(preset, args.dataset, natural, {"method": "standard"}, preset.natural_epochs,
-                                                     preset.natural_lr, seed, reuse=args.reuse_runs)
-        rows["natural (start)"]["runs"].append({"seed": seed, "train_seconds": seconds, "eval": evaluate(natural, args.dataset, preset, args.device)})
-        for name, method in chosen.items():
-            run = out / f"seed{seed}" / name.replace(" ", "_").replace("(", "").replace(")", "")
-            seconds = train(preset, args.dataset, run, method, preset.epochs, preset.lr, seed, init_from=str(natural),
-                            reuse=args.reuse_runs)
-            rows[name]["runs"].append({"seed": seed, "train_seconds": seconds, "eval": evaluate(run, args.dataset, preset, args.device)})
-            print(f"seed {seed} {name}: {rows[name]['runs'][-1]['eval']['accuracy']} in {seconds / 60:.1f} min", flush=True)
-            if name == "cure" and curve is None and args.curve_points > 1:
-                curve = interpolation_curve(run, args.dataset, preset, args.curve_points, args.device)
-    for row in rows.values():
+    jobs = args.jobs or (1 if args.device.startswith("cuda") else torch.get_num_threads())
+    threads = max(1, torch.get_num_threads() // jobs)
+    runs, curve = run_jobs(preset, args, chosen, seeds, out, jobs, threads)
+    for name, row in rows.items():
+        row["runs"] = [runs[name, seed] for seed in seeds]
         row["summary"] = summarise(row["runs"], preset.eval_examples, preset.autoattack_examples)
     table = markdown_table(rows)
     if len(seeds) > 1:
@@ -371,7 +370,7 @@ def main(argv=None) -> int:
         + (f"The second table pairs runs of one seed (same natural model, same examples): {args.reference} minus each "
            f"row, mean and 95 % t-interval over seeds, * where the interval excludes 0 (a difference these seeds "
            f"resolve). " if len(seeds) > 1 else "")
-        + f"Total {total / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} threads, "
+        + f"Total {total / 60:.1f} min on {platform.machine()}, {jobs} job(s) at a time of {threads} thread(s) each, "
         f"{datetime.date.today().isoformat()}."
     )
     print(table)
@@ -384,6 +383,68 @@ def main(argv=None) -> int:
                                                    "paired_differences": paired_differences(rows, args.reference)
                                                    if len(seeds) > 1 else None}, indent=2))
     return 0
+
+
+def run_jobs(preset: Preset, args, chosen: dict[str, dict], seeds: list[int], out: Path, jobs: int,
+             threads: int) -> tuple[dict, dict | None]:
+    """Trains and evaluates every row of every seed, ``jobs`` at a time in worker processes of
+    ``threads`` threads each: first each seed's natural model, then, as each is done, that seed's
+    rows, and the interpolation curve of the first seed's cure run. Returns the runs by
+    ``(row, seed)``, and the curve. A run's numbers depend on its thread count (float summation
+    order), not on how many run beside it."""
+    context = multiprocessing.get_context("spawn")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    core_sets = context.Queue()
+    for index in range(jobs):  # disjoint cores for each worker where there are enough
+        core_sets.put(cores[index::jobs] if jobs <= len(cores) else [])
+    runs, curve, pending = {}, None, {}
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(core_sets, threads)) as pool:
+
+        def submit(name: str, seed: int, method: dict | None, folder: Path, natural: Path) -> None:
+            future = pool.submit(train_and_evaluate, preset, args.dataset, folder, method, seed, natural, args.reuse_runs,
+                                 args.device)
+            pending[future] = (name, seed, folder)
+
+        for seed in seeds:
+            natural = out / f"seed{seed}" / "natural"
+            submit("natural (start)", seed, None, Path(args.natural_run) if args.natural_run else natural, natural)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                name, seed, folder = pending.pop(future)
+                if name == "curve":
+                    curve = future.result()
+                    continue
+                runs[name, seed] = future.result()
+                print(f"seed {seed} {name}: {runs[name, seed]['eval']['accuracy']} in "
+                      f"{runs[name, seed]['train_seconds'] / 60:.1f} min", flush=True)
+                if name == "natural (start)":
+                    for row, method in chosen.items():
+                        submit(row, seed, method, out / f"seed{seed}" / row.replace(" ", "_").replace("(", "").replace(")", ""),
+                               folder)
+                elif name == "cure" and seed == seeds[0] and args.curve_points > 1:
+                    future = pool.submit(interpolation_curve, folder, args.dataset, preset, args.curve_points, args.device)
+                    pending[future] = ("curve", seed, folder)
+    return runs, curve
+
+
+def _start_worker(core_sets, threads: int) -> None:
+    if cores := core_sets.get():
+        os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
+
+
+def train_and_evaluate(preset: Preset, dataset: str, folder: Path, method: dict | None, seed: int, natural: Path,
+                       reuse: bool, device: str) -> dict:
+    """One run of the table, trained into ``folder`` and evaluated: a method fine-tuned from
+    ``natural``, or (``method`` None) the natural model itself, trained unless it is a --natural-run."""
+    if method is not None:
+        seconds = train(preset, dataset, folder, method, preset.epochs, preset.lr, seed, init_from=str(natural), reuse=reuse)
+    elif folder == natural:
+        seconds = train(preset, dataset, folder, {"method": "standard"}, preset.natural_epochs, preset.natural_lr, seed, reuse=reuse)
+    else:
+        seconds = 0.0
+    return {"seed": seed, "train_seconds": seconds, "eval": evaluate(folder, dataset, preset, device)}
 
 
 def interpolation_curve(run: Path, dataset: str, preset: Preset, points: int, device: str) -> dict:

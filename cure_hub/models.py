@@ -127,6 +127,9 @@ class RobustClassifier(nn.Module):
     follow the module across devices but stay out of checkpoints (they live in :attr:`spec`).
     """
 
+    #: Whether :meth:`forward` hands the backbone channels-last images (:meth:`to_channels_last`).
+    channels_last = False
+
     def __init__(self, backbone: nn.Module, spec: ModelSpec):
         super().__init__()
         self.backbone = backbone
@@ -138,7 +141,17 @@ class RobustClassifier(nn.Module):
     def num_classes(self) -> int:
         return self.spec.num_classes
 
+    def to_channels_last(self) -> "RobustClassifier":
+        """Keep weights and images in the channels-last memory layout (timm's ``--channels-last``),
+        which oneDNN's CPU convolutions and mixed-precision GPU convolutions run faster in. The
+        values are the same, the float rounding is not: a run keeps its layout when resumed."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.spec.channel_order == "BGR":
             images = images.flip(1)
         normalised = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)

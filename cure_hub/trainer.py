@@ -257,6 +257,8 @@ class Trainer:
         else:
             data = load_data(config.data)
         model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
+        if config.optim.channels_last:
+            model.to_channels_last()
         if config.optim.compile:
             compile_for_training(model, config.method.method)
         if config.method.method == "cure" and config.method.use_rgp:  # a head that cannot be found fails now, not after the warm-up
@@ -300,7 +302,8 @@ class Trainer:
         if accelerator.device.type == "cpu":
             if config.run.keep_freed_memory:
                 keep_freed_heap_memory()
-            cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = usable // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
             if torch.get_num_threads() == 1 < cores:
                 logger.warning(
                     "training on 1 CPU thread while %d cores are free per process: OMP_NUM_THREADS=1 is set (accelerate launch "

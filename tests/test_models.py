@@ -53,6 +53,37 @@ def test_logits_shape_gradients_and_single_normalisation(case, tmp_path):
             assert not torch.allclose(model(x), getattr(unnormalised, "logits", unnormalised))
 
 
+@pytest.mark.parametrize("case", ["timm-resnet18", "cifar_wrn", "hf-vit-type"])
+def test_channels_last_model_computes_the_same_logits_and_input_gradients(case, tmp_path):
+    """--channels-last changes the memory layout of the weights and of the images the backbone
+    sees, not what the model computes; an export of it holds the same, contiguous tensors."""
+    torch.manual_seed(0)
+    model = MODEL_CASES[case](tmp_path).eval()
+    channels_last = MODEL_CASES[case](tmp_path).eval()
+    channels_last.load_state_dict(model.state_dict())
+    channels_last.to_channels_last()
+    kernels = [p for p in channels_last.parameters() if p.dim() == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    assert not all(p.is_contiguous() for p in kernels)
+    seen = []
+    first_convolution = next(m for m in channels_last.modules() if isinstance(m, nn.Conv2d))
+    first_convolution.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    gradients = []
+    for net in (model, channels_last):
+        x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        logits = net(x)
+        F.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+        gradients.append((logits.detach(), x.grad))
+    assert seen == [True]
+    torch.testing.assert_close(gradients[1][0], gradients[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gradients[1][1], gradients[0][1], rtol=1e-3, atol=1e-6)
+    channels_last.save_pretrained(tmp_path / "export")
+    loaded = cure_hub.load_robust_model(tmp_path / "export")
+    exported = loaded.backbone.state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in channels_last.backbone.state_dict().items())
+    assert all(v.is_contiguous() for v in exported.values())
+
+
 def test_normalisation_comes_from_architecture_or_processor(tmp_path):
     assert cure_hub.create_model("cifar_resnet18", width=8).spec.mean == (0.0, 0.0, 0.0)
     assert cure_hub.create_model("resnet18", num_classes=10).spec.mean == timm.data.IMAGENET_DEFAULT_MEAN

@@ -83,6 +83,19 @@ def test_killed_run_resumes_bitwise_equal(kill_at, reference, tmp_path):
     assert_same_run(output, reference)
 
 
+def test_channels_last_run_killed_resumes_bitwise_equal(tmp_path):
+    """--channels-last: weights, momentum and revision model in that layout go through a checkpoint
+    and come back as they were."""
+    flags = [*FLAGS, "--channels-last"]
+    uninterrupted, output = tmp_path / "uninterrupted", tmp_path / "run"
+    assert (result := run([FAULT_RUN, "none", *flags, "--output-dir", str(uninterrupted)])).returncode == 0, result.stderr[-3000:]
+    killed = run([FAULT_RUN, "step:19", *flags, "--output-dir", str(output)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run([TRAIN, "--resume-from", str(output)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(output, uninterrupted)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_checkpoints_and_resumes_bitwise_equal(signum, reference, tmp_path):
     output = tmp_path / "run"

@@ -13,6 +13,8 @@ import yaml
 from cure_hub.arguments import parse_train_config
 from cure_hub.cli import main as cli_main
 from cure_hub.config import METHODS, InputError, TrainConfig
+from cure_hub.hub import load_robust_model
+from cure_hub.methods.base import unwrap
 from cure_hub.plots import write_plots
 from cure_hub.trainer import Trainer, lr_multiplier
 from helpers import free_port
@@ -200,6 +202,23 @@ def test_bf16_training_leaves_the_forward_free_of_autocast(tmp_path):
     result = subprocess.run(command, env={**ENV, "PYTHONPATH": str(REPO / "tests")}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["torch.bfloat16", "torch.float32"]
+
+
+def test_channels_last_trains_the_model_and_its_revision_in_that_layout(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", optim={"channels_last": True}))
+    assert trainer.train()["steps"] == 4
+    model = unwrap(trainer.model)
+    exported = load_robust_model(tmp_path / "run" / "export").backbone.state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in model.backbone.state_dict().items())
+    for net in (model, trainer.method.revision_model):
+        kernels = [p for p in net.parameters() if p.dim() == 4]
+        assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+        assert not all(p.is_contiguous() for p in kernels)
+        layouts = []
+        first_convolution = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        first_convolution.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        net.eval()(torch.rand(2, 3, 8, 8))
+        assert layouts == [True]
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):
