@@ -43,11 +43,10 @@ def build(args, method_name: str, mask_interval: int = 1, compiled: bool = False
     torch.manual_seed(0)
     kwargs = {"width": args.width} if args.model.startswith("cifar_resnet") else {}
     model = cure_hub.create_model(args.model, num_classes=10, image_size=args.image_size, **kwargs).to(args.device)
-    if compiled:
-        compile_for_training(model, method_name)
     extra = {"mask_interval": mask_interval} if method_name == "cure" else {}
     method = build_method(MethodConfig(method=method_name, **extra), AttackConfig(steps=args.attack_steps))
-    method.compile_models = compiled
+    if compiled:
+        compile_for_training(model, method)
     method.setup(model, total_steps=1000)
     method.record_statistics = False  # as on the steps the trainer does not log
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -118,6 +118,22 @@ class ModelSpec:
         return cls(**{k: v for k, v in data.items() if k in fields})
 
 
+def check_channels_last_training_on_cpu(model: nn.Module) -> None:
+    """Refuses a model with a convolution whose channels-last weight gradient oneDNN computes
+    wrongly on x86 CPUs: 1x1, strided, fewer than 16 input channels per group. It writes past a
+    workspace (uxlfoundation/oneDNN#6035), which crashed this project's machine and elsewhere gives
+    wrong gradients without a word."""
+    hazards = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride != (1, 1)
+               and module.in_channels // module.groups < 16]
+    if hazards:
+        raise InputError(
+            f"--channels-last on a CPU would train {', '.join(hazards[:3])} wrongly: oneDNN computes the weight gradient "
+            "of a strided 1x1 convolution with fewer than 16 input channels wrongly in that layout "
+            "(uxlfoundation/oneDNN#6035). Train without --channels-last, or a wider model."
+        )
+
+
 class RobustClassifier(nn.Module):
     """A classifier on [0, 1] RGB images: ``logits = backbone((x - mean) / std)``, with the
     channels reversed first for a backbone that expects BGR.

@@ -56,6 +56,7 @@ from .methods.cure import masked_parameter_names
 from .models import (
     CheckpointMismatchError,
     RobustClassifier,
+    check_channels_last_training_on_cpu,
     create_model,
     has_pretrained_weights,
     load_weights,
@@ -258,9 +259,13 @@ class Trainer:
             data = load_data(config.data)
         model = build_model(config, data.num_classes, data.image_size, data.class_names, init_weights)
         if config.optim.channels_last:
+            if accelerator.device.type == "cpu":
+                check_channels_last_training_on_cpu(model)
             model.to_channels_last()
+        self.natural = build_method(MethodConfig(method="standard"), config.attack)
+        self.method = build_method(config.method, config.attack)
         if config.optim.compile:
-            compile_for_training(model, config.method.method)
+            compile_for_training(model, self.method)
         if config.method.method == "cure" and config.method.use_rgp:  # a head that cannot be found fails now, not after the warm-up
             masked_parameter_names(model, config.method.mask_scope, config.method.mask_include, config.method.mask_exclude)
         self.augmentation = augmentation_for(config.data.augment, data.image_size)
@@ -309,10 +314,7 @@ class Trainer:
                     "training on 1 CPU thread while %d cores are free per process: OMP_NUM_THREADS=1 is set (accelerate launch "
                     "sets it on a machine without GPU unless given --cpu or --num_cpu_threads_per_process N)", cores,
                 )
-        self.natural = build_method(MethodConfig(method="standard"), config.attack)
-        self.method = build_method(config.method, config.attack)
         self.method.generator = self.attack_generator
-        self.method.compile_models = config.optim.compile
         if accelerator.scaler is not None:  # fp16: CURE's own gradients need the loss's scaling
             self.method.scale_loss = accelerator.scaler.scale
         self.method_started = False

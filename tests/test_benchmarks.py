@@ -11,13 +11,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tradeoff(*args, threads: int):
+    command = [sys.executable, str(REPO / "benchmarks" / "tradeoff.py"), "--preset", "smoke", "--dataset", "digits", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_tradeoff_smoke_preset_over_two_seeds(tmp_path):
-    command = [sys.executable, str(REPO / "benchmarks" / "tradeoff.py"), "--preset", "smoke", "--dataset", "digits",
-               "--seeds", "0,1", "--methods", "trades,cure", "--cure-grid", "gamma=0", "--curve-points", "3",
-               "--output-dir", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    """Two runs at a time, of one thread each; their numbers are those of one run at a time."""
+    tradeoff("--seeds", "0,1", "--methods", "trades,cure", "--cure-grid", "gamma=0", "--curve-points", "3",
+             "--output-dir", str(tmp_path), "--jobs", "2", threads=2)
     header = "| model | Nat | PGD-20 | C&W | AA | NRR (C&W) | NRR (AA) | training time |"
     table = (tmp_path / "tradeoff.md").read_text()
     assert header in table
@@ -38,6 +42,12 @@ def test_tradeoff_smoke_preset_over_two_seeds(tmp_path):
     assert differences["interval"][0] <= differences["mean"] <= differences["interval"][1]
     assert "| cure minus |" in table
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
+    assert "2 job(s) at a time of 1 thread(s) each" in result["note"]
+    tradeoff("--seeds", "0,1", "--methods", "trades", "--reference", "trades", "--curve-points", "0",
+             "--output-dir", str(tmp_path / "one_at_a_time"), "--jobs", "1", threads=1)
+    alone = json.loads((tmp_path / "one_at_a_time" / "tradeoff.json").read_text())
+    for name in ("natural (start)", "trades"):
+        assert [run["eval"] for run in alone["rows"][name]["runs"]] == [run["eval"] for run in result["rows"][name]["runs"]]
 
 
 @pytest.mark.parametrize("streaming", [[], ["--streaming"]])

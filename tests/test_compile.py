@@ -15,10 +15,9 @@ from helpers import robust_vs_fragile_task, tiny_model
 def cure_steps(compiled: bool, steps: int, recompile_is_an_error_after: int | None = None):
     images, labels = robust_vs_fragile_task(16)
     model = tiny_model()
-    if compiled:
-        compile_for_training(model, "cure")
     method = build_method(MethodConfig(method="cure", percentile=30, revision_rate=1.0, revision_decay=0.5), AttackConfig(steps=2))
-    method.compile_models = compiled
+    if compiled:
+        compile_for_training(model, method)
     method.setup(model, total_steps=steps)
     method.generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -65,6 +64,7 @@ def test_compile_for_training_keeps_saved_buffers_only_where_a_graph_is_retained
     so only this switch guards that case). Other methods keep Inductor's default."""
     with torch._functorch.config.patch(donated_buffer=True):
         model = tiny_model()
-        compile_for_training(model, method)  # lazy: nothing compiles before the first call
-        assert model._compiled_call_impl is not None
+        built = build_method(MethodConfig(method=method), AttackConfig(steps=2))
+        compile_for_training(model, built)  # lazy: nothing compiles before the first call
+        assert model._compiled_call_impl is not None and built.compile_models
         assert torch._functorch.config.donated_buffer is donated

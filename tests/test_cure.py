@@ -13,7 +13,7 @@ from cure_hub.losses import kl_divergence
 from cure_hub.methods import build_method
 from cure_hub.methods.cure import (
     _keep_mask_without_synchronisation,
-    _keep_masks_by_segmented_sort,
+    _keep_masks_by_one_sort,
     masked_parameter_names,
     prominence_mask,
     prominence_masks,
@@ -133,7 +133,7 @@ def test_masks_of_many_tensors_at_once_match_the_reference(kind, percent):
     """The accelerator path (one sort for all tensors) gives each tensor the reference's mask,
     ties and non-finite scores included; so does the CPU path of prominence_masks."""
     scores = many_scores(kind)
-    together = _keep_masks_by_segmented_sort(scores, percent)
+    together = _keep_masks_by_one_sort(scores, percent)
     for score, keep, one_by_one in zip(scores, together, prominence_masks(scores, percent)):
         expected = reference_mask(score.float().numpy(), percent)
         assert keep.dtype == torch.bool and keep.shape == score.shape
@@ -143,7 +143,7 @@ def test_masks_of_many_tensors_at_once_match_the_reference(kind, percent):
 
 def test_masks_of_large_tensors_at_once_match_the_reference():
     scores = [torch.rand(300_000, generator=torch.Generator().manual_seed(6)), torch.randint(0, 5, (64, 64, 3, 3)).float()]
-    for score, keep in zip(scores, _keep_masks_by_segmented_sort(scores, 30.0)):
+    for score, keep in zip(scores, _keep_masks_by_one_sort(scores, 30.0)):
         np.testing.assert_array_equal(keep.numpy(), reference_mask(score.numpy(), 30.0))
 
 

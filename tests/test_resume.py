@@ -86,7 +86,7 @@ def test_killed_run_resumes_bitwise_equal(kill_at, reference, tmp_path):
 def test_channels_last_run_killed_resumes_bitwise_equal(tmp_path):
     """--channels-last: weights, momentum and revision model in that layout go through a checkpoint
     and come back as they were."""
-    flags = [*FLAGS, "--channels-last"]
+    flags = [*("width=16" if flag == "width=4" else flag for flag in FLAGS), "--channels-last"]  # width 4: refused (oneDNN#6035)
     uninterrupted, output = tmp_path / "uninterrupted", tmp_path / "run"
     assert (result := run([FAULT_RUN, "none", *flags, "--output-dir", str(uninterrupted)])).returncode == 0, result.stderr[-3000:]
     killed = run([FAULT_RUN, "step:19", *flags, "--output-dir", str(output)])

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cure_hub.config import DataConfig, InputError
 from cure_hub.data import PACKAGED_DATASETS

@@ -205,7 +205,7 @@ def test_bf16_training_leaves_the_forward_free_of_autocast(tmp_path):
 
 
 def test_channels_last_trains_the_model_and_its_revision_in_that_layout(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path / "run", optim={"channels_last": True}))
+    trainer = Trainer(tiny_config(tmp_path / "run", model={"model_kwargs": {"width": 16}}, optim={"channels_last": True}))
     assert trainer.train()["steps"] == 4
     model = unwrap(trainer.model)
     exported = load_robust_model(tmp_path / "run" / "export").backbone.state_dict()
@@ -219,6 +219,14 @@ def test_channels_last_trains_the_model_and_its_revision_in_that_layout(tmp_path
         first_convolution.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
         net.eval()(torch.rand(2, 3, 8, 8))
         assert layouts == [True]
+
+
+def test_channels_last_refuses_a_model_whose_weight_gradients_onednn_gets_wrong_on_a_cpu(tmp_path):
+    """Width 4: the shortcuts of stages 2 and 3 are strided 1x1 convolutions of 4 and 8 input
+    channels, whose channels-last weight gradient crashed this machine (oneDNN#6035)."""
+    with pytest.raises(InputError, match=r"backbone\.layer2\.0\.shortcut\.0, backbone\.layer3\.0\.shortcut\.0 wrongly.*oneDNN#6035"):
+        Trainer(tiny_config(tmp_path / "run", optim={"channels_last": True})).train()
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

@@ -18,14 +18,16 @@ def build_method(config: MethodConfig, attack: AttackConfig) -> Method:
     return METHOD_CLASSES[config.method](config, attack)
 
 
-def compile_for_training(model: nn.Module, method_name: str) -> None:
+def compile_for_training(model: nn.Module, method: Method) -> None:
     """``--compile``: compiles ``model`` in place, so that its state dict, its wrappers and its
-    exports stay as they are. A method that takes gradients through a retained graph (CURE's RGP)
-    needs compiled backwards that keep their saved buffers rather than donate them ("non-empty
-    donated buffers"); Inductor reads that switch when it compiles, so it is set here, before the
-    first compiled step, which can come before the method starts (``--warmup-epochs``)."""
+    exports stay as they are, and has ``method`` compile the models it makes of it (CURE's revision
+    model). A method that takes gradients through a retained graph (CURE's RGP) needs compiled
+    backwards that keep their saved buffers rather than donate them ("non-empty donated
+    buffers"); Inductor reads that switch when it compiles, so it is set here, before the first
+    compiled step, which can come before the method starts (``--warmup-epochs``)."""
     model.compile()
-    if METHOD_CLASSES[method_name].retains_graph:
+    method.compile_models = True
+    if method.retains_graph:
         torch._functorch.config.donated_buffer = False
 
 

@@ -63,8 +63,8 @@ class Method:
         #: Whether this step's statistics will be read. The trainer clears it on the steps it does not
         #: log, so that statistics nobody reads cost nothing.
         self.record_statistics: bool = True
-        #: Whether the trainer compiled the model (``--compile``): models of the method's own, such
-        #: as CURE's revision model, are compiled then too.
+        #: Whether the model is compiled (``--compile``, :func:`compile_for_training`): models of the
+        #: method's own, such as CURE's revision model, are compiled then too.
         self.compile_models: bool = False
 
     def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:

@@ -65,15 +65,15 @@ def prominence_masks(scores: list[torch.Tensor], percent: float) -> list[torch.T
     """:func:`prominence_mask` of each of ``scores``. On a CPU one tensor at a time (the sampled
     selection is faster there than sorting); on an accelerator all of them together, in one sort
     and a scatter whatever their number, with nothing read back to the host
-    (:func:`_keep_masks_by_segmented_sort`)."""
+    (:func:`_keep_masks_by_one_sort`)."""
     if not scores:
         return []
     if scores[0].device.type == "cpu" or any(score.dtype == torch.float64 for score in scores):
         return [prominence_mask(score, percent) for score in scores]
-    return _keep_masks_by_segmented_sort(scores, percent)
+    return _keep_masks_by_one_sort(scores, percent)
 
 
-def _keep_masks_by_segmented_sort(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
+def _keep_masks_by_one_sort(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
     """The masks of all ``scores`` at once, by one stable sort of a combined key: the tensor's index
     in the high 32 bits, the score's float32 bits made order-preserving in the low 32. Sorted, each
     tensor's entries stand in one block, in the tensors' order, in ascending order of score, ties in
