@@ -14,6 +14,7 @@ into the parts CURE adds to TRADES (the labels in cure_hub/methods/cure.py).
     python benchmarks/step_cost.py --model vit_small --batch-size 128 --breakdown
     python benchmarks/step_cost.py --width 64 --batch-size 128 --mask-interval 4   # + amortised masks
     python benchmarks/step_cost.py --methods trades,cure --compile                  # + torch.compile
+    python benchmarks/step_cost.py --quick --methods trades,cure --channels-last    # + channels-last layout
     python benchmarks/step_cost.py --device cuda --batch-size 128 --bf16            # bf16 autocast
     bash benchmarks/cuda_checks.sh OUT                                               # every GPU check at once
 """
@@ -36,13 +37,18 @@ import torch
 import cure_hub
 from cure_hub.config import METHODS, AttackConfig, MethodConfig
 from cure_hub.methods import build_method, compile_for_training
+from cure_hub.models import check_channels_last_training_on_cpu
 from cure_hub.trainer import keep_freed_heap_memory
 
 
-def build(args, method_name: str, mask_interval: int = 1, compiled: bool = False):
+def build(args, method_name: str, mask_interval: int = 1, compiled: bool = False, channels_last: bool = False):
     torch.manual_seed(0)
     kwargs = {"width": args.width} if args.model.startswith("cifar_resnet") else {}
     model = cure_hub.create_model(args.model, num_classes=10, image_size=args.image_size, **kwargs).to(args.device)
+    if channels_last:  # as --channels-last trains
+        if args.device == "cpu":
+            check_channels_last_training_on_cpu(model)
+        model.to_channels_last()
     extra = {"mask_interval": mask_interval} if method_name == "cure" else {}
     method = build_method(MethodConfig(method=method_name, **extra), AttackConfig(steps=args.attack_steps))
     if compiled:
@@ -147,6 +153,8 @@ def main(argv=None) -> int:
                         help="Also time CURE with masks every K steps (amortised: each round times K steps).")
     parser.add_argument("--compile", action="store_true",
                         help="Also time TRADES and CURE compiled as --compile trains them (compiled in the warm-up round).")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="Also time TRADES and CURE in the channels-last memory layout, as --channels-last trains them.")
     parser.add_argument("--default-allocator", action="store_true", help="Leave glibc's heap trimming on (the trainer turns it off on a CPU).")
     parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args(argv)
@@ -166,12 +174,12 @@ def main(argv=None) -> int:
         name = f"cure-k{args.mask_interval}"
         methods.append(name)
         setups[name], steps_per_round[name] = build(args, "cure", args.mask_interval), args.mask_interval
-    if args.compile:
+    for variant, options in (("compile", {"compiled": True}), ("channels_last", {"channels_last": True})):
         for name in ("trades", "cure"):
-            if name in setups:
-                methods.append(f"{name}+compile")
-                setups[f"{name}+compile"] = build(args, name, compiled=True)
-                steps_per_round[f"{name}+compile"] = 1
+            if getattr(args, variant) and name in setups:
+                methods.append(f"{name}+{variant}")
+                setups[f"{name}+{variant}"] = build(args, name, **options)
+                steps_per_round[f"{name}+{variant}"] = 1
     times = {name: [] for name in methods}
     for repeat in range(args.repeats + 1):  # the first round is the warm-up
         for name, (model, method, optimizer) in setups.items():
@@ -193,7 +201,7 @@ def main(argv=None) -> int:
         memory = measure_memory(args, setups[name], (args.repeats + 1) * steps_per_round[name])  # a mask step of cure-kK
         results[name] = {"seconds_per_step": seconds, "peak_memory_mib": memory, "relative_to_trades": ratio}
         memory_text = "" if memory is None else f"  peak memory +{memory:7.1f} MiB"
-        print(f"{name:10s} {seconds:8.3f} s/step{memory_text}  {ratio:.2f}x")
+        print(f"{name:21s} {seconds:8.3f} s/step{memory_text}  {ratio:.2f}x")
     if args.breakdown and "cure" in setups:
         parts = cure_breakdown(args, setups["cure"])
         results["cure_breakdown_seconds"] = parts
