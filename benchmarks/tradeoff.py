@@ -69,10 +69,10 @@ class Preset:
 
 
 PRESETS = {
-    # About 36 minutes a seed on 2 CPU cores (measured: 114.5 minutes for --seeds 0,1,2, the first
-    # seed sharing the machine): a quarter-width ResNet-18 on 4,000 CIFAR-10 images.
-    # AutoAttack is off: on this CPU it takes about 7 minutes per robust model for 250 examples,
-    # 3 hours for the preset's 24 robust models (--autoattack-examples 250 runs it).
+    # 75 minutes for --seeds 0,1,2 on this project's 2-core CPU machine (2026-11-26; two runs at a time
+    # of one thread each, in the channels-last layout; 114.5 minutes before, one run at a time).
+    # AutoAttack is off: on this CPU it takes 3 to 9 minutes per robust model for 250 examples,
+    # about 2 hours more for the preset's 24 robust models (--autoattack-examples 250 runs it).
     "cpu-small": Preset(
         model="cifar_resnet18", model_kwargs={"width": 16}, train_subset=4000, eval_examples=1000,
         autoattack_examples=0, natural_epochs=15, natural_lr=0.1, epochs=3, lr=0.02, batch_size=128,

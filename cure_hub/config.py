@@ -340,8 +340,10 @@ class OptimConfig:
     channels_last: bool = dataclasses.field(
         default=False,
         metadata={"help": "Train in the channels-last memory layout (timm's --channels-last): faster convolutions on CPUs "
-                          "and under mixed precision on GPUs (about 1.15-1.2x a step for a CIFAR ResNet-18 on this project's "
-                          "CPU); float rounding changes, so it is fixed at resume."},
+                          "and under mixed precision on GPUs (a step of a width-16 CIFAR ResNet-18 in 0.86x "
+                          "the time on this project's CPU: benchmarks/step_cost.py --channels-last); float rounding changes, so "
+                          "it is fixed at resume. Refused on a CPU for strided 1x1 convolutions of fewer than 16 channels "
+                          "(oneDNN#6035)."},
     )
     seed: int = dataclasses.field(default=0, metadata={"help": "Random seed (data order, attacks, revision draws)."})
 
