@@ -52,7 +52,7 @@ from .data import augment, augmentation_for, collate, load_data
 from .streaming import StreamedEpochs, load_streamed_data
 from .methods import Method, build_method, compile_for_training
 from .methods.base import unwrap
-from .methods.cure import masked_parameter_names
+from .methods.cure import masked_parameter_names, start_share_of_revision
 from .models import (
     CheckpointMismatchError,
     RobustClassifier,
@@ -291,6 +291,7 @@ class Trainer:
                 model, optimizer, train_loader, eval_loader
             )
         self._count_steps(batches_per_epoch, data.train_examples)
+        self._check_revision_horizon()
         # Mixed precision comes from the autocast blocks around the training step and the
         # evaluation only: Accelerate's autocast wrapper around forward would stop the KL attack
         # from taking its first step in float32 (attacks.py says why it must).
@@ -343,6 +344,26 @@ class Trainer:
                 f"(CURE-Eff), or --from-scratch to start from random weights anyway"
             )
         logger.warning("CURE from random weights: the method assumes a naturally trained start. Pass %s.", fixes)
+
+    def _check_revision_horizon(self) -> None:
+        """Warns when CURE's revision model would still be mostly the starting model at the last
+        step: its consistency loss then pulls the model back towards natural training all run long
+        (the paper's r and d average over the last ~5,000 of its 78,000 steps; docs/cure.md)."""
+        method = self.config.method
+        if method.method != "cure" or not method.use_revision:
+            return
+        steps = self.total_steps - self.warmup_steps
+        share = start_share_of_revision(method, steps)
+        if share >= 0.5:
+            rate = f"r {method.revision_rate:g}" + (
+                "" if method.revision_rate_schedule == "constant"
+                else f" ({method.revision_rate_schedule} to {method.revision_rate_min:g})")
+            logger.warning(
+                "CURE's revision model will still be about %.0f%% the starting model at the last of %d steps (%s, d %g), "
+                "so L_CR keeps pulling the model back to it. For a run this short raise --revision-rate or lower "
+                "--revision-decay (the cpu-small benchmark: 0.5 and 0.95), or add --revision-warmup.",
+                100 * share, steps, rate, method.revision_decay,
+            )
 
     def _count_steps(self, batches_per_epoch: int | None, train_examples: int | None) -> None:
         """Optimiser steps per epoch, in all, and of the natural warm-up; ``batches_per_epoch`` is

@@ -18,6 +18,7 @@ from cure_hub.methods.cure import (
     prominence_mask,
     prominence_masks,
     revision_rate_at,
+    start_share_of_revision,
 )
 from helpers import non_robust_natural_model, pgd_accuracy, robust_vs_fragile_task, tiny_model
 
@@ -349,6 +350,41 @@ def test_revision_rate_schedules():
     assert revision_rate_at(100, 101, 0.2, 0.05, "cosine") == pytest.approx(0.05)
     assert revision_rate_at(50, 101, 0.2, 0.0, "cosine") == pytest.approx(0.1)
     assert revision_rate_at(25, 101, 0.2, 0.0, "cosine") > revision_rate_at(25, 101, 0.2, 0.0, "linear")
+
+
+def test_start_share_of_revision_is_the_hand_computed_product():
+    constant = MethodConfig(method="cure", revision_rate=0.2, revision_decay=0.999, revision_rate_schedule="constant")
+    assert start_share_of_revision(constant, 1560) == pytest.approx((1 - 0.2 * 0.001) ** 1560, rel=1e-12)
+    # The warm-up's decays (t+1)/(t+2) telescope: after T revisions, 1/(T+1) of the start is left.
+    warmup = MethodConfig(method="cure", revision_rate=1.0, revision_decay=0.999, revision_rate_schedule="constant",
+                          revision_warmup=True)
+    assert start_share_of_revision(warmup, 99) == pytest.approx(1 / 100, rel=1e-12)
+    # The paper's settings: most of the start after a short run, almost none after its 200 epochs.
+    paper = MethodConfig(method="cure")
+    assert start_share_of_revision(paper, 1560) > 0.8 > 0.01 > start_share_of_revision(paper, 78_000)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_start_share_of_revision_is_what_the_revisions_leave(warmup):
+    """The revision model of a one-weight model that starts at 0 and stands at 1 from the first
+    step holds 1 - (the start's share): exactly when r = 1, on average over seeds for a decaying r."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    def start_share_left(config, steps, seed=0):
+        torch.nn.init.zeros_(model.weight)
+        method = build_method(config, AttackConfig(steps=1))
+        method.setup(model, total_steps=steps, seed=seed)
+        torch.nn.init.ones_(model.weight)
+        for step in range(steps):
+            method.after_optimizer_step(model, step)
+        return 1 - method.revision_model.weight.item()
+
+    always = MethodConfig(method="cure", use_rgp=False, revision_rate=1.0, revision_decay=0.9,
+                          revision_rate_schedule="constant", revision_warmup=warmup)
+    assert start_share_left(always, 40) == pytest.approx(start_share_of_revision(always, 40), rel=1e-5)
+    sometimes = MethodConfig(method="cure", use_rgp=False, revision_rate=0.5, revision_decay=0.9, revision_warmup=warmup)
+    shares = np.array([start_share_left(sometimes, 40, seed) for seed in range(400)])
+    error = 4 * shares.std() / math.sqrt(len(shares))
+    assert shares.mean() == pytest.approx(start_share_of_revision(sometimes, 40), abs=error)
 
 
 def test_mask_scopes():

@@ -330,6 +330,20 @@ def test_cure_warns_of_random_weights_only_when_they_are_random(tmp_path, caplog
         assert ("CURE from random weights" in caplog.text) is warned, model
 
 
+def test_cure_warns_when_its_revision_model_would_stay_near_the_start(tmp_path, caplog):
+    """The paper's r and d over a few steps leave the revision model the starting model (the
+    warning says how much, and what to change); a revision rate and decay made for the run's
+    length do not."""
+    for method, warned in (({"revision_rate": 0.2, "revision_decay": 0.999}, True),
+                           ({"revision_rate": 1.0, "revision_decay": 0.4, "revision_rate_schedule": "constant"}, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cure_hub"):
+            Trainer(tiny_config(tmp_path / f"run-{warned}", method=method, optim={"max_steps": 1})).train()
+        assert ("revision model will still be" in caplog.text) is warned, caplog.text
+        if warned:
+            assert "about 100% the starting model at the last of 1 steps (r 0.2 (cosine to 0), d 0.999)" in caplog.text
+
+
 def test_overwrite_output_dir_starts_the_logs_afresh(tmp_path):
     config = tiny_config(tmp_path / "run", optim={"max_steps": 2}, run={"overwrite_output_dir": True})
     Trainer(config).train()

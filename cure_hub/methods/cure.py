@@ -154,6 +154,25 @@ def revision_rate_at(step: int, total_steps: int, rate: float, floor: float, sch
     return floor + (rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def revision_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The decay d of a revision after optimiser step ``step`` (Eq. 7): fixed, or with the official
+    code's warm-up min(1 - 1/(t + 1), d), its counter t being ``step + 1`` there."""
+    return min(1 - 1 / (step + 2), decay) if warmup else decay
+
+
+def start_share_of_revision(config, total_steps: int) -> float:
+    """The expected weight of the starting model in the revision model after ``total_steps``
+    steps: each step revises with probability r_t by the decay d_t, which keeps d_t of the start's
+    weight, so the share is prod_t (1 - r_t (1 - d_t)). The paper's r and d leave almost none of
+    it after its 78,000 steps, and most of it after a few thousand."""
+    c = config
+    return math.prod(
+        1 - revision_rate_at(step, total_steps, c.revision_rate, c.revision_rate_min, c.revision_rate_schedule)
+        * (1 - revision_decay_at(step, c.revision_decay, c.revision_warmup))
+        for step in range(total_steps)
+    )
+
+
 def masked_parameter_names(model: nn.Module, scope: str, include=None, exclude=()) -> list[str]:
     """Names of the parameters CURE masks. Patterns match names with or without ``backbone.``."""
 
@@ -324,15 +343,13 @@ class CURE(Method):
         draw = torch.rand((), generator=self.revision_generator).item()
         if draw >= self.current_revision_rate(step):
             return
-        decay = self.config.revision_decay
-        if self.config.revision_warmup:  # the official counter is already step + 1 here: the first revision averages
-            decay = min(1 - 1 / (step + 2), decay)
+        decay = revision_decay_at(step, self.config.revision_decay, self.config.revision_warmup)
         model = unwrap(model)
         revision_params = list(self.revision_model.parameters())
         torch._foreach_lerp_(revision_params, [p.detach() for p in model.parameters()], 1 - decay)
-        if self.config.revision_buffers == "average":
+        if self.config.revision_buffers == "average" and (model_buffers := _floating_buffers(model)):
             # Towards the mean of every process's statistics, so the revision model is the same on every process.
-            model_buffers = _mean_across_processes(_floating_buffers(model))
+            model_buffers = _mean_across_processes(model_buffers)
             torch._foreach_lerp_(_floating_buffers(self.revision_model), model_buffers, 1 - decay)
             for rev_buffer, buffer in zip(self.revision_model.buffers(), model.buffers()):
                 if not rev_buffer.is_floating_point():  # counters such as num_batches_tracked
