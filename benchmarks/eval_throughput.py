@@ -30,6 +30,7 @@ import cure_hub
 from cure_hub.data import collate
 from cure_hub.evaluation import EvaluationSuite
 from cure_hub.sharded_eval import process_state, run_evaluation
+from cure_hub.trainer import usable_cpu_cores
 
 
 def worker(args) -> None:
@@ -53,7 +54,7 @@ def worker(args) -> None:
 
 
 def launch(args, num_processes: int) -> dict:
-    threads = max(1, os.cpu_count() // num_processes)
+    threads = max(1, len(usable_cpu_cores()) // num_processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ACCELERATE_USE_CPU": "true"}
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--master_port", "29581"]
     command = [sys.executable, *(launcher if num_processes > 1 else []), __file__, "--worker",
@@ -77,7 +78,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     one, two = launch(args, 1), launch(args, 2)
-    print(f"cifar_resnet18 width {args.width}, 32 px, batch {args.batch_size}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    print(f"cifar_resnet18 width {args.width}, 32 px, batch {args.batch_size}, {len(usable_cpu_cores())} usable CPU cores, torch {torch.__version__}")
     print("| attack | examples | accuracy left | 1 process (img/s) | 2 processes (img/s) | speed-up |")
     print("|---|---|---|---|---|---|")
     for attack, (seconds, n, accuracy) in one.items():

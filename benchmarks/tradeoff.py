@@ -42,7 +42,7 @@ from cure_hub.data import collate, load_eval_split
 from cure_hub.evaluation import evaluate_robustness, natural_robustness_ratio, wilson_interval
 from cure_hub.interpolation import tradeoff_curve
 from cure_hub.hub import load_robust_model
-from cure_hub.trainer import Trainer
+from cure_hub.trainer import Trainer, usable_cpu_cores
 
 
 @dataclasses.dataclass
@@ -400,7 +400,7 @@ def run_jobs(preset: Preset, args, chosen: dict[str, dict], seeds: list[int], ou
     ``(row, seed)``, and the curve. A run's numbers depend on its thread count (float summation
     order), not on how many run beside it."""
     context = multiprocessing.get_context("spawn")
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = usable_cpu_cores() if hasattr(os, "sched_setaffinity") else []  # pinning needs the call
     core_sets = context.Queue()
     for index in range(jobs):  # disjoint cores for each worker where there are enough
         core_sets.put(cores[index::jobs] if jobs <= len(cores) else [])

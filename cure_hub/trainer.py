@@ -140,6 +140,14 @@ class TrainingState:
             setattr(self, key, value)
 
 
+def usable_cpu_cores() -> list[int]:
+    """The CPU cores this process may run on: its affinity where the system reports one (a
+    container's or ``taskset``'s share of the machine), else all of the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def lr_multiplier(step: int, total_steps: int, config) -> float:
     """Learning-rate factor at optimiser step ``step``: linear warm-up, then the schedule."""
     if step < config.lr_warmup_steps:
@@ -308,8 +316,7 @@ class Trainer:
         if accelerator.device.type == "cpu":
             if config.run.keep_freed_memory:
                 keep_freed_heap_memory()
-            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            cores = usable // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+            cores = len(usable_cpu_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
             if torch.get_num_threads() == 1 < cores:
                 logger.warning(
                     "training on 1 CPU thread while %d cores are free per process: OMP_NUM_THREADS=1 is set (accelerate launch "

@@ -16,7 +16,7 @@ from cure_hub.config import METHODS, InputError, TrainConfig
 from cure_hub.hub import load_robust_model
 from cure_hub.methods.base import unwrap
 from cure_hub.plots import write_plots
-from cure_hub.trainer import Trainer, lr_multiplier
+from cure_hub.trainer import Trainer, lr_multiplier, usable_cpu_cores
 from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,6 +342,32 @@ def test_cure_warns_when_its_revision_model_would_stay_near_the_start(tmp_path, 
         assert ("revision model will still be" in caplog.text) is warned, caplog.text
         if warned:
             assert "about 100% the starting model at the last of 1 steps (r 0.2 (cosine to 0), d 0.999)" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="the system sets no CPU affinity")
+def test_usable_cpu_cores_are_the_process_affinity_not_the_machine():
+    everything = os.sched_getaffinity(0)
+    one = min(everything)
+    try:
+        os.sched_setaffinity(0, {one})
+        assert usable_cpu_cores() == [one]
+    finally:
+        os.sched_setaffinity(0, everything)
+    assert usable_cpu_cores() == sorted(everything)
+
+
+@pytest.mark.skipif(len(usable_cpu_cores()) < 2, reason="needs two usable cores")
+def test_training_on_one_thread_of_several_usable_cores_is_warned_about(tmp_path, caplog):
+    threads = torch.get_num_threads()
+    try:
+        for count, warned in ((1, True), (2, False)):
+            torch.set_num_threads(count)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="cure_hub"):
+                Trainer(tiny_config(tmp_path / f"run-{count}", optim={"max_steps": 1})).train()
+            assert ("training on 1 CPU thread while" in caplog.text) is warned
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_overwrite_output_dir_starts_the_logs_afresh(tmp_path):
