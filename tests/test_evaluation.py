@@ -1,4 +1,5 @@
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -87,6 +88,19 @@ def test_subset_is_deterministic(natural_run, tmp_path):
               "--output", str(tmp_path / f"{i}.json")])
         outputs.append(json.loads((tmp_path / f"{i}.json").read_text()))
     assert outputs[0]["accuracy"] == outputs[1]["accuracy"] and outputs[0]["n_examples"] == 30
+
+
+def test_eval_in_the_channels_last_layout_gives_the_same_results(natural_run, tmp_path, caplog):
+    results = []
+    for flags in ([], ["--channels-last"]):
+        output = tmp_path / f"{len(flags)}.json"
+        with caplog.at_level(logging.INFO, logger="cure_hub"):
+            assert main(["eval", str(natural_run), "--dataset", "digits", "--n-examples", "30", "--attacks", "clean,pgd20",
+                         "--output", str(output), *flags]) == 0
+        results.append(json.loads(output.read_text())["accuracy"])
+    assert "pgd20 at eps 0.03137 (linf), channels-last" in caplog.text
+    assert results[0]["clean"] == results[1]["clean"]
+    assert abs(results[0]["pgd20"] - results[1]["pgd20"]) <= 1 / 30  # float rounding may move one example
 
 
 def test_checkpoint_with_architecture_name(natural_run, tmp_path):
