@@ -72,7 +72,8 @@ PRESETS = {
     # 75 minutes for --seeds 0,1,2 on this project's 2-core CPU machine (2026-11-26; two runs at a time
     # of one thread each, in the channels-last layout; 114.5 minutes before, one run at a time).
     # AutoAttack is off: on this CPU it takes 3 to 9 minutes per robust model for 250 examples,
-    # about 2 hours more for the preset's 24 robust models (--autoattack-examples 250 runs it).
+    # about 2 hours more for the preset's 24 robust models (--autoattack-examples 250 runs it; with
+    # --reuse-runs on a finished folder, 53 + 64 minutes in two calls: README, Results).
     "cpu-small": Preset(
         model="cifar_resnet18", model_kwargs={"width": 16}, train_subset=4000, eval_examples=1000,
         autoattack_examples=0, natural_epochs=15, natural_lr=0.1, epochs=3, lr=0.02, batch_size=128,
