@@ -30,7 +30,7 @@ import cure_hub
 from cure_hub.data import collate
 from cure_hub.evaluation import EvaluationSuite
 from cure_hub.sharded_eval import process_state, run_evaluation
-from cure_hub.trainer import usable_cpu_cores
+from cure_hub.system import usable_cpu_cores
 
 
 def worker(args) -> None:

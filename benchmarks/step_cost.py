@@ -4,7 +4,7 @@ Every method trains the same model on the same batch with the same attack. Steps
 round-robin (one step of each method in turn, after a warm-up), so slow drifts of the machine
 touch every method alike; the median is reported, and the ratio to TRADES is the median of the
 per-round ratios. On a CPU the process keeps its freed heap memory, as the trainer does
-(``cure_hub.trainer.keep_freed_heap_memory``; ``--default-allocator`` measures without). Peak memory is the CUDA allocator's peak on
+(``cure_hub.system.keep_freed_heap_memory``; ``--default-allocator`` measures without). Peak memory is the CUDA allocator's peak on
 a GPU; on a CPU, the rise of the process's peak resident memory over one step (Linux resets the
 peak through /proc/self/clear_refs). ``--breakdown`` profiles one CURE step and splits its time
 into the parts CURE adds to TRADES (the labels in cure_hub/methods/cure.py).
@@ -38,7 +38,7 @@ import cure_hub
 from cure_hub.config import METHODS, AttackConfig, MethodConfig
 from cure_hub.methods import build_method, compile_for_training
 from cure_hub.models import check_channels_last_training_on_cpu
-from cure_hub.trainer import keep_freed_heap_memory
+from cure_hub.system import keep_freed_heap_memory
 
 
 def build(args, method_name: str, mask_interval: int = 1, compiled: bool = False, channels_last: bool = False):

@@ -42,7 +42,8 @@ from cure_hub.data import collate, load_eval_split
 from cure_hub.evaluation import evaluate_robustness, natural_robustness_ratio, wilson_interval
 from cure_hub.interpolation import tradeoff_curve
 from cure_hub.hub import load_robust_model
-from cure_hub.trainer import Trainer, usable_cpu_cores
+from cure_hub.system import usable_cpu_cores
+from cure_hub.trainer import Trainer
 
 
 @dataclasses.dataclass
@@ -118,6 +119,8 @@ def runs_for(preset: Preset) -> dict[str, dict]:
         # The official code's revision mode: batch statistics in L_CR, so L_CR is zero when theta_rev = theta
         # (the default eval mode adds a train/eval batch-norm term; docs/cure.md).
         "cure (revision in train mode)": {**cure, "revision_mode": "train"},
+        # The paper's r and d with the official code's decay warm-up, min(1 - 1/(t + 2), d) (docs/cure.md).
+        "cure (paper's r, d, warm-up)": {**cure, "revision_rate": 0.2, "revision_decay": 0.999, "revision_warmup": True},
     }
 
 
@@ -148,7 +151,7 @@ def grid_rows(preset: Preset, grid: str) -> dict[str, dict]:
 
 
 def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int, lr: float, seed: int, init_from=None,
-          reuse: bool = False) -> float:
+          reuse: bool = False, log_every_steps: int = 50) -> float:
     """Trains one row's model into ``output`` and returns the seconds it took. With ``reuse``, a
     finished run already there with the same configuration is kept (its recorded time returned)."""
     config = TrainConfig.from_dict({
@@ -161,7 +164,7 @@ def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int,
                   "weight_decay": preset.weight_decay, "seed": seed, "mixed_precision": preset.mixed_precision,
                   "channels_last": preset.channels_last},
         "run": {"output_dir": str(output), "overwrite_output_dir": True, "eval_every_epochs": max(epochs, 1),
-                "eval_attack_steps": 10, "log_every_steps": 50},
+                "eval_attack_steps": 10, "log_every_steps": log_every_steps},
     })
     summary = output / "summary.json"
     if reuse and summary.is_file() and TrainConfig.from_yaml(str(output / "config.yaml")).to_dict() == config.to_dict():

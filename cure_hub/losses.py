@@ -29,14 +29,20 @@ def cw_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return wrong - true
 
 
+def trades_terms(clean_logits, adv_logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRADES's two terms (Zhang et al. 2019; CURE Eq. 5): CE(f(x), y) and KL( p(x) || p(x_adv) )."""
+    return F.cross_entropy(clean_logits.float(), labels), kl_divergence(clean_logits, adv_logits)
+
+
 def trades_loss(clean_logits, adv_logits, labels, beta: float) -> torch.Tensor:
-    """TRADES (Zhang et al. 2019; CURE Eq. 5): CE(f(x), y) + beta * KL( p(x) || p(x_adv) )."""
-    return F.cross_entropy(clean_logits.float(), labels) + beta * kl_divergence(clean_logits, adv_logits)
+    """TRADES: CE(f(x), y) + beta * KL( p(x) || p(x_adv) )."""
+    main, regulariser = trades_terms(clean_logits, adv_logits, labels)
+    return main + beta * regulariser
 
 
-def mart_loss(clean_logits, adv_logits, labels, beta: float) -> torch.Tensor:
-    """MART (Wang et al. 2020): a boosted CE on x_adv plus beta times the KL between clean and
-    adversarial predictions, weighted per example by (1 - p_y(x)), as in the authors' code."""
+def mart_terms(clean_logits, adv_logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """MART's two terms (Wang et al. 2020): a boosted CE on x_adv, and the KL between clean and
+    adversarial predictions weighted per example by (1 - p_y(x)), as in the authors' code."""
     clean_logits, adv_logits = clean_logits.float(), adv_logits.float()
     adv_probs = adv_logits.softmax(1)
     top2 = adv_probs.argsort(1)[:, -2:]
@@ -45,4 +51,10 @@ def mart_loss(clean_logits, adv_logits, labels, beta: float) -> torch.Tensor:
     clean_probs = clean_logits.softmax(1)
     true_probs = clean_probs.gather(1, labels[:, None]).squeeze(1)
     kl_per_example = (clean_probs * (torch.log(clean_probs + 1e-12) - torch.log(adv_probs + 1e-12))).sum(1)
-    return boosted_ce + beta * (kl_per_example * (1.0000001 - true_probs)).mean()
+    return boosted_ce, (kl_per_example * (1.0000001 - true_probs)).mean()
+
+
+def mart_loss(clean_logits, adv_logits, labels, beta: float) -> torch.Tensor:
+    """MART: its boosted CE plus beta times its weighted KL."""
+    main, regulariser = mart_terms(clean_logits, adv_logits, labels)
+    return main + beta * regulariser

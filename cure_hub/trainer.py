@@ -24,13 +24,11 @@ generator, so a run killed at any point resumes to the same weights, metrics and
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import logging
 import math
 import os
-import platform
 import shutil
 import signal
 import time
@@ -50,6 +48,7 @@ from .attacks import eval_mode, pgd_attack
 from .config import AttackConfig, InputError, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
 from .data import augment, augmentation_for, collate, load_data
 from .streaming import StreamedEpochs, load_streamed_data
+from .system import describe_hardware, git_commit, keep_freed_heap_memory, usable_cpu_cores
 from .methods import Method, build_method, compile_for_training
 from .methods.base import unwrap
 from .methods.cure import masked_parameter_names, start_share_of_revision
@@ -75,26 +74,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the weights became NaN or infinite; nothing of that state is saved or exported."""
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
-
-
-def keep_freed_heap_memory() -> bool:
-    """Stop glibc from handing freed memory back to the operating system during training.
-
-    By default glibc unmaps every block of 32 MiB or more when it is freed, and gives the top of
-    its heap back once more than twice its (self-adjusting) mmap threshold lies free there; every
-    page taken again after that is a page fault. A training step that frees and re-allocates that
-    much each step (a CURE step does: a retained graph, a revision forward pass on a double batch)
-    pays tens to hundreds of thousands of faults a step, 3-8 % of a step on a CPU. With this
-    setting, like PyTorch's CUDA caching allocator, the process keeps its peak memory and reuses
-    it. Returns whether the setting was applied (Linux with glibc only).
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
 
 class EpochShuffleSampler(Sampler[int]):
     """A permutation drawn from ``seed + epoch``: the data order of any epoch can be replayed."""
@@ -138,14 +117,6 @@ class TrainingState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-
-
-def usable_cpu_cores() -> list[int]:
-    """The CPU cores this process may run on: its affinity where the system reports one (a
-    container's or ``taskset``'s share of the machine), else all of the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
 
 
 def lr_multiplier(step: int, total_steps: int, config) -> float:
@@ -333,7 +304,7 @@ class Trainer:
             "%d steps (%s per epoch) on %s; writing to %s",
             config.model.model, sum(p.numel() for p in model.parameters()) / 1e6, data.name, data.train_examples or "streamed",
             len(data.eval), data.num_classes, data.image_size, config.method.method, self.total_steps,
-            self.steps_per_epoch or "as many as the stream has", _hardware(accelerator), self.output_dir,
+            self.steps_per_epoch or "as many as the stream has", describe_hardware(accelerator), self.output_dir,
         )
 
     def _check_natural_start(self) -> None:
@@ -813,9 +784,9 @@ class Trainer:
             "stopped_by_alarm": self.state.stopped_by_alarm,
             "export_weights": self.config.run.export_weights,
             "train_seconds": self._train_seconds(),
-            "hardware": _hardware(accelerator),
+            "hardware": describe_hardware(accelerator),
             "eval_examples": self.eval_examples,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         }
         if accelerator.is_main_process:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -850,17 +821,6 @@ def _remove_partial_writes(output_dir: Path) -> None:
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
-def _git_commit() -> str | None:
-    """The commit of the cure-hub checkout that trained the model, if it is one."""
-    import subprocess
-
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 def _in_main_thread() -> bool:
     import threading
 
@@ -869,14 +829,6 @@ def _in_main_thread() -> bool:
 
 def _flatten(sections: dict) -> dict:
     return {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for s, d in sections.items() for k, v in d.items()}
-
-
-def _hardware(accelerator: Accelerator) -> str:
-    if accelerator.device.type == "cuda":
-        name = torch.cuda.get_device_name(accelerator.device)
-    else:
-        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return f"{accelerator.num_processes} x {name}"
 
 
 def train(config: TrainConfig) -> dict:

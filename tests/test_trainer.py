@@ -16,7 +16,8 @@ from cure_hub.config import METHODS, InputError, TrainConfig
 from cure_hub.hub import load_robust_model
 from cure_hub.methods.base import unwrap
 from cure_hub.plots import write_plots
-from cure_hub.trainer import Trainer, lr_multiplier, usable_cpu_cores
+from cure_hub.system import usable_cpu_cores
+from cure_hub.trainer import Trainer, lr_multiplier
 from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ _HEAP_SCRIPT = """
 import re, sys
 from pathlib import Path
 import torch
-from cure_hub.trainer import keep_freed_heap_memory
+from cure_hub.system import keep_freed_heap_memory
 def resident_mib():
     return int(re.search(r"VmRSS:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
 if sys.argv[1] == "keep":

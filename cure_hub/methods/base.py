@@ -25,6 +25,12 @@ class StepOutput:
     metrics: dict[str, torch.Tensor]
 
 
+#: The metrics a method with a regulariser reports besides its loss: its main term and its
+#: regulariser as weighted in the loss (TRADES: CE and beta KL; CURE: L_adv and gamma L_CR). The
+#: collapse alarm (cure_hub.alarms) compares them.
+MAIN_LOSS, REGULARISER = "main_loss", "regulariser"
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel (or similar) wrapper."""
     return getattr(model, "module", model)
@@ -96,18 +102,22 @@ class Method:
 
 
 class CleanAndAdversarialMethod(Method):
-    """A method whose loss compares the model on clean and adversarial images (TRADES, MART):
-    ``objective(f(x), f(x_adv), y, beta)`` with x_adv from the ``attack_loss`` attack."""
+    """A method whose loss compares the model on clean and adversarial images (TRADES, MART): a
+    main term plus beta times a regulariser, ``terms(f(x), f(x_adv), y)``, with x_adv from the
+    ``attack_loss`` attack."""
 
     attack_loss: ClassVar[AttackLoss]
 
     @staticmethod
-    def objective(clean_logits, adv_logits, labels, beta: float) -> torch.Tensor:
+    def terms(clean_logits, adv_logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def compute_loss(self, model, images, labels) -> StepOutput:
         adversarial = self.adversarial_examples(model, images, labels, loss=self.attack_loss)
         logits, adv_logits = model(images), model(adversarial)
-        loss = self.objective(logits, adv_logits, labels, self.config.beta)
-        metrics = {"loss": loss.detach(), "clean_acc": accuracy(logits, labels), "adv_acc": accuracy(adv_logits, labels)}
+        main, regulariser = self.terms(logits, adv_logits, labels)
+        weighted = self.config.beta * regulariser
+        loss = main + weighted
+        metrics = {"loss": loss.detach(), "clean_acc": accuracy(logits, labels), "adv_acc": accuracy(adv_logits, labels),
+                   MAIN_LOSS: main.detach(), REGULARISER: weighted.detach()}
         return StepOutput(loss, metrics)

@@ -33,7 +33,7 @@ from torch.autograd.profiler import record_function
 from ..attacks import module_mode
 from ..losses import kl_divergence
 from ..models import HeadNotFoundError
-from .base import Method, StepOutput, accuracy, unwrap
+from .base import MAIN_LOSS, REGULARISER, Method, StepOutput, accuracy, unwrap
 
 
 #: On a CPU, tensors this large take the sampled selection; its sample has _SAMPLE_SIZE entries.
@@ -253,12 +253,14 @@ class CURE(Method):
         natural_ce = F.cross_entropy(logits.float(), labels)
         robust_kl = kl_divergence(logits, adv_logits)
         loss = natural_ce + config.beta * robust_kl  # Eq. 5
-        metrics = {"clean_acc": accuracy(logits, labels), "adv_acc": accuracy(adv_logits, labels), "kl": robust_kl.detach()}
+        metrics = {"clean_acc": accuracy(logits, labels), "adv_acc": accuracy(adv_logits, labels), "kl": robust_kl.detach(),
+                   MAIN_LOSS: loss.detach()}
         if self.revision_model is not None and config.gamma > 0:
             with record_function("cure.revision_forward"):
                 consistency = self.consistency_loss(images, adversarial, logits, adv_logits)
-            loss = loss + config.gamma * consistency
-            metrics["consistency"] = consistency.detach()
+            weighted = config.gamma * consistency
+            loss = loss + weighted
+            metrics.update(consistency=consistency.detach(), **{REGULARISER: weighted.detach()})
         metrics["loss"] = loss.detach()
         if self.masked_params and self._masks_due():
             if config.rgp_adversarial_loss == "ce":
