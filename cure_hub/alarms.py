@@ -5,6 +5,13 @@
   PGD accuracy of the last ``patience`` evaluations after the best one all lie more than ``margin``
   below the best; ``--stop-on-robust-overfitting`` then ends the run (the best weights are kept
   in ``weights/best.safetensors`` either way, and ``--export-weights best`` exports them).
+* **Training collapse**, from the training metrics the trainer logs: the training batches'
+  accuracy stays below ``drop`` times where the method started for ``patience`` logged steps in a
+  row, while the method's regulariser (TRADES's and MART's beta-weighted KL, CURE's gamma L_CR)
+  outweighs its main loss (CE; CURE's L_adv). Adversarial training from a natural model loses
+  clean accuracy at first and wins part of it back; a run whose regulariser has taken over does
+  not (CURE at the paper's fixed decay in a short run on a GPU: docs/cure.md, "A guard against
+  collapse"). ``--stop-on-collapse`` ends the run, naming the likely cause and the fix.
 * **Gradient masking** (catastrophic overfitting included): PGD accuracy above clean accuracy, or
   PGD at ε = 64/255 leaving more than 20 % of the first 32 evaluation examples standing, the same test
   ``cure-hub eval`` makes on every evaluation (:mod:`cure_hub.evaluation_checks`).
@@ -19,6 +26,9 @@ from .config import AttackConfig
 from .evaluation_checks import LARGE_EPSILON, LARGE_EPSILON_TOLERANCE
 
 ROBUST_OVERFITTING = "robust overfitting"
+TRAINING_COLLAPSE = "training collapse"
+#: Logged steps whose training accuracy, averaged, is where the method started.
+START_STEPS = 3
 GRADIENT_MASKING = "gradient masking"
 #: PGD steps of the large-ε probe: with steps of ε/4 it can travel 2.5 ε, whatever the
 #: evaluation's own number of steps.
@@ -39,6 +49,22 @@ def robust_overfitting(history: list[float], margin: float, patience: int) -> st
     if best_at < len(history) - patience and all(value < best - margin for value in recent):
         return (f"{ROBUST_OVERFITTING}: PGD accuracy {recent[-1]:.4f} has stayed more than {margin:g} below its best "
                 f"{best:.4f} (evaluation {best_at + 1}) for {patience} evaluations")
+    return None
+
+
+def training_collapse(history: list[list[float]], drop: float, patience: int) -> str | None:
+    """The alarm's message when training has collapsed. ``history`` holds, per logged step of the
+    method (oldest first), ``[training accuracy, main loss, regulariser]``: it fires when the
+    accuracy of each of the last ``patience`` steps lies below ``drop`` times the mean of the
+    first :data:`START_STEPS`, and the regulariser outweighs the main loss on their average."""
+    if len(history) < START_STEPS + patience:
+        return None
+    start = sum(accuracy for accuracy, _, _ in history[:START_STEPS]) / START_STEPS
+    recent = history[-patience:]
+    accuracy, main, regulariser = (sum(values) / patience for values in zip(*recent))
+    if all(step[0] < drop * start for step in recent) and regulariser > main:
+        return (f"{TRAINING_COLLAPSE}: training accuracy {accuracy:.4f} has stayed below {drop:g} x its start {start:.4f} "
+                f"for {patience} logged steps while the regulariser ({regulariser:.3g}) outweighs the main loss ({main:.3g})")
     return None
 
 

@@ -35,10 +35,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .data import DatasetUnavailableError
     from .hub import ExportError, HubPushError
     from .models import CheckpointMismatchError
-    from .trainer import TrainingDivergedError
+    from .trainer import TrainingCollapsedError, TrainingDivergedError
 
     return (InputError, DatasetUnavailableError, ExportError, HubPushError, CheckpointMismatchError,
-            TrainingDivergedError, FileExistsError, FileNotFoundError)
+            TrainingDivergedError, TrainingCollapsedError, FileExistsError, FileNotFoundError)
 
 
 def exit_code_of(command: str, run: Callable[[], int]) -> int:

@@ -392,6 +392,15 @@ class RunConfig:
         default=2, metadata={"help": "Robust-overfitting alarm: for how many evaluations in a row."})
     stop_on_robust_overfitting: bool = dataclasses.field(
         default=False, metadata={"help": "End the run when the robust-overfitting alarm fires (the export follows as usual)."})
+    stop_on_collapse: bool = dataclasses.field(
+        default=False, metadata={"help": "End the run, naming the likely cause and the fix, when the training-collapse "
+                                         "alarm fires (training accuracy far below its start while the regulariser "
+                                         "outweighs the main loss); nothing is exported."})
+    collapse_drop: float = dataclasses.field(
+        default=0.5, metadata={"help": "Training-collapse alarm: the training accuracy stays below this fraction of "
+                                       "where the method started."})
+    collapse_patience: int = dataclasses.field(
+        default=20, metadata={"help": "Training-collapse alarm: for this many logged steps in a row."})
     export_weights: str = dataclasses.field(
         default="last", metadata={"help": "The weights of the export at the end: last, or best (the best PGD accuracy).",
                                   "choices": ("last", "best")})
@@ -406,6 +415,8 @@ class RunConfig:
         _check(self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}")
         _check(0 <= self.overfitting_margin < 1, f"overfitting_margin must be in [0, 1), got {self.overfitting_margin}")
         _check(self.overfitting_patience >= 1, f"overfitting_patience must be >= 1, got {self.overfitting_patience}")
+        _check(0 < self.collapse_drop < 1, f"collapse_drop must be in (0, 1), got {self.collapse_drop}")
+        _check(self.collapse_patience >= 1, f"collapse_patience must be >= 1, got {self.collapse_patience}")
         _check_choices(self)
         _check(not self.push_to_hub or self.hub_model_id, "push_to_hub needs hub_model_id")
         if self.hub_model_id is not None:

@@ -43,14 +43,22 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .alarms import PROBE_EXAMPLES, ROBUST_OVERFITTING, gradient_masking, large_epsilon_accuracy, robust_overfitting
+from .alarms import (
+    PROBE_EXAMPLES,
+    ROBUST_OVERFITTING,
+    TRAINING_COLLAPSE,
+    gradient_masking,
+    large_epsilon_accuracy,
+    robust_overfitting,
+    training_collapse,
+)
 from .attacks import eval_mode, pgd_attack
 from .config import AttackConfig, InputError, MethodConfig, TrainConfig, check_resume_changes, run_folder_of
 from .data import augment, augmentation_for, collate, load_data
 from .streaming import StreamedEpochs, load_streamed_data
 from .system import describe_hardware, git_commit, keep_freed_heap_memory, usable_cpu_cores
 from .methods import Method, build_method, compile_for_training
-from .methods.base import unwrap
+from .methods.base import MAIN_LOSS, REGULARISER, unwrap
 from .methods.cure import masked_parameter_names, start_share_of_revision
 from .models import (
     CheckpointMismatchError,
@@ -74,6 +82,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the weights became NaN or infinite; nothing of that state is saved or exported."""
+
+
+class TrainingCollapsedError(RuntimeError):
+    """The training-collapse alarm fired under ``--stop-on-collapse``: the run stopped, with a checkpoint and no export."""
 
 class EpochShuffleSampler(Sampler[int]):
     """A permutation drawn from ``seed + epoch``: the data order of any epoch can be replayed."""
@@ -105,8 +117,11 @@ class TrainingState:
     train_seconds: float = 0.0
     #: The processes that wrote the checkpoint: each restores its own state, and the data is sharded by their number.
     num_processes: int = 1
-    #: PGD accuracy of every evaluation so far (the robust-overfitting alarm reads it).
+    #: PGD accuracy of every evaluation of an adversarial method so far (the robust-overfitting alarm reads it).
     robust_history: list = dataclasses.field(default_factory=list)
+    #: [training accuracy, main loss, regulariser], averaged over the processes, of every logged step of a
+    #: method with a regulariser (the training-collapse alarm reads it).
+    training_history: list = dataclasses.field(default_factory=list)
     #: Every training-health alarm raised so far (cure_hub.alarms), and whether one ended the run.
     alarms: list = dataclasses.field(default_factory=list)
     stopped_by_alarm: bool = False
@@ -216,7 +231,7 @@ class Trainer:
             logging.getLogger("cure_hub").setLevel(logging.ERROR)
         self._stop_signal: int | None = None
         self._checkpointed_at: tuple | None = None
-        self._alarm_names: list[str] = []  # of the last evaluation, for the progress bar
+        self._alarm_names: list[str] = []  # of the last evaluation, for the progress bar (with a training collapse)
 
     # ---- setup ------------------------------------------------------------------------------
     def _prepare(self):
@@ -518,7 +533,9 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Clean and PGD accuracy on the evaluation split (PGD-20, step epsilon/4, uniform start)."""
+        """Clean and PGD accuracy on the evaluation split (PGD-20, step epsilon/4, uniform start). An
+        example counts as robust when it is classified correctly both clean and attacked, as in
+        ``cure-hub eval``, AutoAttack and RobustBench."""
         model = unwrap(self.model)
         attack = AttackConfig(
             epsilon=self.config.attack.epsilon, step_size=self.config.attack.epsilon / 4,
@@ -534,7 +551,7 @@ class Trainer:
                 correct = torch.stack([model(images).argmax(1) == labels, model(adversarial).argmax(1) == labels])
                 correct = self.accelerator.gather_for_metrics(correct.T).T  # drops the padding of the last batch
                 clean.append(correct[0])
-                robust.append(correct[1])
+                robust.append(correct[0] & correct[1])
         clean, robust = torch.cat(clean), torch.cat(robust)
         self.eval_examples = len(clean)
         return {"eval/clean_acc": clean.float().mean().item(), f"eval/pgd{attack.steps}_acc": robust.float().mean().item()}
@@ -635,8 +652,15 @@ class Trainer:
         progress.update(1)
         if logs_now:
             rate = self._images_seen / (time.perf_counter() - self._segment_started)
-            self._log({**output.metrics, **extra}, images_per_second=rate, progress=progress)
+            collapse = self._training_collapse(output.metrics)
+            self._log({**output.metrics, **extra, **({"health/alarms": collapse} if collapse else {})},
+                      images_per_second=rate, progress=progress)
             self._log_layer_statistics(method)
+            if collapse and self.config.run.stop_on_collapse:
+                checkpoint = self.save_checkpoint()
+                raise TrainingCollapsedError(
+                    f"{collapse} (step {state.step}). Likely cause and fix: {method.collapse_advice}. Nothing was "
+                    f"exported; the run's state is in {checkpoint}")
         if self.config.run.checkpoint_every_steps and state.step % self.config.run.checkpoint_every_steps == 0:
             self.save_checkpoint()
 
@@ -701,7 +725,8 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
             if progress is not None:
                 short = {k.split("/")[-1]: f"{v:.3g}" for k, v in values.items() if k.split("/")[-1] in ("loss", "clean_acc", "adv_acc")}
-                alarm = {"alarm": ",".join(self._alarm_names)} if self._alarm_names else {}
+                names = {*self._alarm_names, *(TRAINING_COLLAPSE for a in self.state.alarms if a.startswith(TRAINING_COLLAPSE))}
+                alarm = {"alarm": ",".join(sorted(names))} if names else {}
                 progress.set_postfix(**short, img_s=f"{images_per_second:.0f}", **alarm)
         self.accelerator.log(record, step=self.state.step)
 
@@ -713,6 +738,23 @@ class Trainer:
         if statistics and self.accelerator.is_main_process:
             with open(self.output_dir / "layer_statistics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.state.step, "layers": statistics}) + "\n")
+
+    def _training_collapse(self, metrics: dict) -> str | None:
+        """The training-collapse alarm on this logged step's metrics (cure_hub.alarms), the first time it
+        fires: kept in the state for the summary and the card, logged, shown in the progress bar. A
+        method without a regulariser is not watched. Every process decides alike, on the metrics
+        averaged over the processes."""
+        if REGULARISER not in metrics:
+            return None
+        state, run = self.state, self.config.run
+        values = torch.stack([metrics["clean_acc"], metrics[MAIN_LOSS], metrics[REGULARISER]]).float()
+        state.training_history.append(self.accelerator.reduce(values, reduction="mean").tolist())
+        message = training_collapse(state.training_history, run.collapse_drop, run.collapse_patience)
+        if message is None or any(alarm.startswith(TRAINING_COLLAPSE) for alarm in state.alarms):
+            return None
+        logger.warning("step %d: %s", state.step, message)
+        state.alarms.append(message)
+        return message
 
     def _evaluate_and_keep_best(self) -> dict:
         results = self.evaluate()
@@ -732,15 +774,17 @@ class Trainer:
         summary and the card, shown in the progress bar, and, for robust overfitting with
         --stop-on-robust-overfitting, the end of the run. Every process decides alike."""
         run, state = self.config.run, self.state
-        state.robust_history.append(robust)
+        adversarial = self.active_method.adversarial  # robust overfitting means nothing in natural training
+        if adversarial:
+            state.robust_history.append(robust)
         images, labels = next(iter(self.eval_loader))
         images, labels = images[:PROBE_EXAMPLES], labels[:PROBE_EXAMPLES]
         generator = torch.Generator(self.accelerator.device).manual_seed(self.config.optim.seed)
         with eval_mode(unwrap(self.model)):
             standing = large_epsilon_accuracy(unwrap(self.model), images, labels, generator)
         large = self.accelerator.reduce(standing.float().mean(), reduction="mean").item()
-        fired = [message for message in (robust_overfitting(state.robust_history, run.overfitting_margin, run.overfitting_patience),
-                                         gradient_masking(clean, robust, large)) if message]
+        overfitting = robust_overfitting(state.robust_history, run.overfitting_margin, run.overfitting_patience) if adversarial else None
+        fired = [message for message in (overfitting, gradient_masking(clean, robust, large)) if message]
         for message in fired:
             logger.warning("step %d: %s", state.step, message)
             if message not in state.alarms:

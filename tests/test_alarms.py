@@ -1,15 +1,19 @@
-"""Training-health alarms: robust overfitting fires on a rise and fall, not on a plateau; gradient
-masking fires on a model whose input layer has no gradient; both reach the model card."""
+"""Training-health alarms: robust overfitting fires on a rise and fall, not on a plateau, and never in
+natural training; training collapse on accuracy that stays down under the regulariser, not on a dip;
+gradient masking fires on a model whose input layer has no gradient; all reach the model card."""
 
 import json
 import shutil
 
 import torch
 
-from cure_hub.alarms import gradient_masking, large_epsilon_accuracy, robust_overfitting
+import pytest
+
+from cure_hub.alarms import gradient_masking, large_epsilon_accuracy, robust_overfitting, training_collapse
+from cure_hub.cli import main as cli_main
 from cure_hub.config import TrainConfig
 from cure_hub.hub import export_run
-from cure_hub.trainer import Trainer
+from cure_hub.trainer import Trainer, TrainingCollapsedError
 from helpers import Brightness
 from test_trainer import tiny_config
 
@@ -22,6 +26,26 @@ def test_robust_overfitting_fires_on_a_rise_and_fall_only():
                  [0.30, 0.40, 0.45, 0.40],  # one evaluation below: not yet `patience`
                  [0.30, 0.35, 0.40, 0.45]):  # still rising
         assert robust_overfitting(calm, margin=0.02, patience=2) is None, calm
+
+
+#: [training accuracy, main loss, regulariser] per logged step. The run that collapsed on an H200
+#: (docs/cure.md): from a natural model at 88.5 %, training accuracy near 25 % from step 100 to its
+#: end at 1,560, with L_CR the largest part of its loss.
+START = [[0.88, 1.0, 0.5]] * 3
+DOWN = [[0.25, 1.9, 2.4]] * 20
+
+
+def test_training_collapse_fires_when_accuracy_stays_down_while_the_regulariser_leads():
+    fired = training_collapse(START + DOWN, drop=0.5, patience=20)
+    assert fired == ("training collapse: training accuracy 0.2500 has stayed below 0.5 x its start 0.8800 for 20 logged "
+                     "steps while the regulariser (2.4) outweighs the main loss (1.9)")
+    recovered = [[0.5, 1.5, 1.0]]  # above half of the start: TRADES's dip and recovery
+    for calm in (START + DOWN[:19],  # not yet `patience` logged steps
+                 START + DOWN[:10] + recovered + DOWN[:19],  # one step back up restarts the count
+                 START + [[0.25, 2.4, 1.9]] * 20,  # down, but the main loss leads
+                 START + [[0.45, 1.0, 2.0]] * 20,  # the regulariser leads, but above half of the start
+                 DOWN[:2] + DOWN):  # started down: there was nothing to fall from
+        assert training_collapse(calm, drop=0.5, patience=20) is None, calm
 
 
 def test_gradient_masking_fires_on_a_model_without_input_gradients():
@@ -83,3 +107,77 @@ def test_stop_on_robust_overfitting_ends_the_run_and_says_so(tmp_path):
                                               "run": {**tiny_config(tmp_path / "run", **sections).to_dict()["run"],
                                                       "resume_from": str(run)}})).train()
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+class ScriptedTrainingMetrics(Trainer):
+    """The real trainer, whose logged steps report these [training accuracy, main loss, regulariser]
+    in turn: a start, a dip and a recovery (TRADES's), a fall under the main loss, a recovery, then a
+    fall under the regulariser that lasts (the H200 CURE run's)."""
+
+    RECOVERED, MAIN_LEADS = [[0.6, 1.2, 1.0]], [[0.3, 2.0, 1.0]]
+    SCRIPT = START + DOWN[:3] + RECOVERED + MAIN_LEADS * 4 + RECOVERED + DOWN
+
+    def _training_collapse(self, metrics):
+        accuracy, main, regulariser = (torch.tensor(v) for v in self.SCRIPT[len(self.state.training_history)])
+        return super()._training_collapse({**metrics, "clean_acc": accuracy, "main_loss": main, "regulariser": regulariser})
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_training_collapse_reaches_the_log_the_summary_and_the_card_or_stops_the_run(tmp_path, stop):
+    """Patience 4 over the script above: the dip (3 steps) and the stretch where the main loss leads
+    do not fire; the last fall does at its fourth logged step, step 16 (a logged step every step). With
+    --stop-on-collapse the run ends there, with a checkpoint, the cause and fix named, no export."""
+    sections = dict(data={"dataset": "digits", "train_subset": 32, "eval_subset": 16}, method={"method": "trades"},
+                    optim={"max_steps": 20}, run={"collapse_patience": 4, "stop_on_collapse": stop})
+    trainer = ScriptedTrainingMetrics(tiny_config(tmp_path / "run", **sections))
+    run = tmp_path / "run"
+    if stop:
+        with pytest.raises(TrainingCollapsedError, match=r"^training collapse: .* \(step 16\)\. Likely cause and fix: .*--lr"):
+            trainer.train()
+        assert (run / "checkpoints" / "step_0000016").is_dir() and not (run / "export").exists()
+        return
+    trainer.train()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (fired,) = [r for r in records if "training collapse" in r.get("health/alarms", "")]
+    assert fired["step"] == 16 and "train/loss" in fired
+    summary = json.loads((run / "summary.json").read_text())
+    assert [a for a in summary["alarms"] if a.startswith("training collapse")] == [fired["health/alarms"]]
+    assert "  - training collapse: training accuracy 0.2500 has stayed below 0.5 x its start 0.8800" in (
+        run / "export" / "README.md").read_text()
+
+
+def test_a_real_run_made_to_collapse_fires_and_stops_in_one_line(natural_run, tmp_path, capsys):
+    """CURE pulled by a large gamma towards a revision model frozen at its natural start (d = 1), at a
+    learning rate that start cannot bear: training accuracy falls from about 97 % to about 10 % in two
+    steps and stays there while gamma L_CR is ten times L_adv."""
+    args = ["train", "--model", "cifar_resnet18", "--model-kwargs", "width=8", "--dataset", "digits", "--augment", "none",
+            "--init-from", str(natural_run), "--method", "cure", "--revision-decay", "1", "--revision-rate", "1",
+            "--gamma", "5", "--beta", "6", "--steps", "3", "--lr", "0.2", "--lr-schedule", "constant", "--batch-size", "64",
+            "--max-steps", "30", "--log-every-steps", "1", "--eval-subset", "16", "--eval-attack-steps", "2",
+            "--collapse-patience", "10", "--stop-on-collapse", "--output-dir", str(tmp_path / "run")]
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    (line,) = [line for line in error.splitlines() if "error:" in line]
+    assert line.startswith("cure-hub train: error: training collapse: training accuracy") and "--revision-warmup" in line
+
+
+class NaturalScriptedRobustness(Trainer):
+    """ScriptedRobustness's rise and fall, counted by evaluations (natural training keeps no PGD history)."""
+
+    def evaluate(self):
+        self.evaluations = getattr(self, "evaluations", -1) + 1
+        results = super().evaluate()
+        key = next(k for k in results if k.startswith("eval/pgd"))
+        return {**results, key: ScriptedRobustness.PGD_ACCURACIES[self.evaluations]}
+
+
+def test_robust_overfitting_is_not_watched_in_natural_training(tmp_path):
+    """PGD accuracy near zero wobbles below its best in natural training: no alarm there."""
+    sections = dict(data={"dataset": "digits", "train_subset": 32, "eval_subset": 16}, method={"method": "standard"},
+                    optim={"epochs": 6, "max_steps": None},
+                    run={"stop_on_robust_overfitting": True, "overfitting_margin": 0.02, "overfitting_patience": 2})
+    NaturalScriptedRobustness(tiny_config(tmp_path / "run", **sections)).train()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 * 2 and not summary["stopped_by_alarm"]
+    assert not any(alarm.startswith("robust overfitting") for alarm in summary["alarms"])

@@ -377,3 +377,24 @@ def test_overwrite_output_dir_starts_the_logs_afresh(tmp_path):
     first = (tmp_path / "run" / "metrics.jsonl").read_text()
     Trainer(config).train()
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == first.count("\n")
+
+
+class RightOnlyOffTheGrid(torch.nn.Module):
+    """Class 1 for images off the 8-bit grid (any random start moves them there), class 0 on it, with
+    no input gradient: a PGD attack leaves it right where the clean image is wrong."""
+
+    def forward(self, images):
+        off_grid = ((images * 255 - (images * 255).round()).abs().mean((1, 2, 3)) > 0.05).float()
+        return torch.stack([1 - off_grid, off_grid], 1) + 0 * images.mean((1, 2, 3))[:, None]
+
+
+def test_training_evaluation_counts_an_example_robust_only_when_it_is_right_clean_too(tmp_path):
+    """One robust accuracy everywhere (cure-hub eval, AutoAttack, RobustBench): correct both clean and
+    attacked. Every example here is wrong clean and right attacked, so none is robust (1.0 if the
+    adversarial predictions were counted alone)."""
+    trainer = Trainer(tiny_config(tmp_path / "run"))
+    trainer._prepare()
+    trainer.model = RightOnlyOffTheGrid()
+    images = torch.randint(0, 256, (8, 3, 8, 8), generator=torch.Generator().manual_seed(0)) / 255
+    trainer.eval_loader = [(images, torch.ones(8, dtype=torch.long))]
+    assert trainer.evaluate() == {"eval/clean_acc": 0.0, "eval/pgd2_acc": 0.0}

@@ -57,6 +57,11 @@ class Method:
     default_random_start: ClassVar[str] = "normal"
     #: Whether the method differentiates through a retained graph (see :func:`compile_for_training`).
     retains_graph: ClassVar[bool] = False
+    #: Whether the method trains against attacks: the robust-overfitting alarm watches only these.
+    adversarial: ClassVar[bool] = True
+    #: The likely cause and fix named when the training-collapse alarm stops a run (cure_hub.alarms).
+    collapse_advice: ClassVar[str] = ("the regulariser has overwhelmed the main loss: lower --lr, or the regulariser's "
+                                      "weight (--beta)")
 
     def __init__(self, config: MethodConfig, attack: AttackConfig):
         self.config = config

@@ -201,6 +201,10 @@ def masked_parameter_names(model: nn.Module, scope: str, include=None, exclude=(
 class CURE(Method):
     name = "cure"
     retains_graph = True  # the RGP gradients of both branches come from one graph (_grads)
+    collapse_advice = (
+        "L_CR pulls the model towards a revision model that is still mostly its natural start (a fixed decay d near 1 "
+        "over a short run): add --revision-warmup (the official code's decay warm-up), or raise --revision-rate and "
+        "lower --revision-decay, or lower --lr or --gamma")
 
     def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
         config = self.config

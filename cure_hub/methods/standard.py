@@ -7,6 +7,7 @@ from .base import Method, StepOutput, accuracy
 
 class StandardTraining(Method):
     name = "standard"
+    adversarial = False
 
     def compute_loss(self, model, images, labels) -> StepOutput:
         logits = model(images)
