@@ -197,12 +197,37 @@ METHODS = ("standard", "pgd_at", "trades", "mart", "cure")
 #: CIFAR-10 settings, CURE as the literal reading of its Eq. 5 (the paper recipes set 5, see docs/cure.md).
 DEFAULT_BETA = {"trades": 6.0, "mart": 6.0, "cure": 1.0}
 
+#: ``--cure-settings``: every switch of one reference at once, as recipe sections (docs/cure.md,
+#: "Differences from the official code"). A key that a recipe or a flag sets keeps that value.
+CURE_SETTINGS = {
+    # What produced every published number: NeurAI-Lab/CURE's train_cure.py and utilities/train.py.
+    "official": {
+        "attack": {"epsilon": 0.031, "step_size": 0.007},
+        "method": {"beta": 5.0, "rgp_adversarial_loss": "kl", "rgp_signed": True, "mask_scope": "official",
+                   "revision_warmup": True, "revision_mode": "train", "revision_buffers": "keep",
+                   "revision_rate_schedule": "constant"},
+    },
+    # The paper's text read literally, where it speaks: Eqs. 4-8, Algorithm 1 ("every layer"), a fixed d.
+    "paper": {
+        "attack": {"epsilon": 8 / 255, "step_size": 2 / 255},
+        "method": {"beta": 1.0, "rgp_adversarial_loss": "ce", "rgp_signed": False, "mask_scope": "all",
+                   "revision_warmup": False},
+    },
+}
+
 
 @dataclasses.dataclass
 class MethodConfig:
     """The training method and its hyper-parameters (those of other methods are ignored)."""
 
     method: str = dataclasses.field(default="cure", metadata={"help": "Training method.", "choices": METHODS})
+    cure_settings: str = dataclasses.field(
+        default="default",
+        metadata={"help": "CURE's switches all at once: 'default' (cure-hub's, each chosen by measurement: docs/cure.md), "
+                          "'official' (the official code, which produced the paper's numbers) or 'paper' (the paper's "
+                          "text read literally); a flag or recipe key beside it overrides that one switch.",
+                  "choices": ("default", *CURE_SETTINGS)},
+    )
     beta: float | None = dataclasses.field(
         default=None, metadata={"help": "KL weight of TRADES, MART and CURE (default 6, 6 and 1)."}
     )
@@ -449,7 +474,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, sections: dict) -> "TrainConfig":
-        """Build from nested sections, naming any unknown section or key."""
+        """Build from nested sections, naming any unknown section or key. ``method.cure_settings``
+        fills in its values for the keys the sections leave unset."""
+        sections = with_cure_settings(sections)
         types = {f.name: f.default_factory for f in dataclasses.fields(cls)}
         unknown = set(sections) - set(types)
         _check(not unknown, f"unknown recipe section(s) {sorted(unknown)}; sections are {sorted(types)}")
@@ -483,6 +510,19 @@ def read_recipe(path: str | os.PathLike) -> dict:
     for name, values in sections.items():
         _check(values is None or isinstance(values, dict), f"recipe {path}: section '{name}' must be a mapping of keys, got {values!r}")
     return sections
+
+
+def with_cure_settings(sections: dict) -> dict:
+    """``sections`` with the values of ``method.cure_settings`` (:data:`CURE_SETTINGS`) under the
+    keys that they set themselves: a key given beside a preset overrides that one switch."""
+    method = sections.get("method") or {}
+    preset = method.get("cure_settings", "default")
+    if preset == "default":
+        return sections
+    _check(preset in CURE_SETTINGS, f"cure_settings must be one of {('default', *CURE_SETTINGS)}, got {preset!r}")
+    _check(method.get("method", "cure") == "cure",
+           f"cure_settings {preset!r} sets CURE's switches; it does not apply to method {method.get('method')!r}")
+    return merge_sections(CURE_SETTINGS[preset], sections)
 
 
 def merge_sections(base: dict, overrides: dict) -> dict:

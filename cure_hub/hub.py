@@ -211,6 +211,17 @@ def _eval_results_from_run(run: Path, weights: str, config: dict) -> dict:
     }
 
 
+def _cure_settings_text(method: dict) -> str:
+    """Every switch of a CURE run, and the preset they came from (``--cure-settings``)."""
+    warmup = ", warm-up min(1 − 1/(t+2), d)" if method.get("revision_warmup") else ""
+    return (f"p = {method['percentile']}, α = {method['alpha']}, γ = {method['gamma']}, β = {method['beta']}, "
+            f"r = {method['revision_rate']} ({method['revision_rate_schedule']}), d = {method['revision_decay']}{warmup}; "
+            f"RGP on {'the TRADES KL' if method.get('rgp_adversarial_loss') == 'kl' else 'CE'} of x_adv"
+            f"{', signed' if method.get('rgp_signed') else ''}, mask scope {method.get('mask_scope')}; revision model in "
+            f"{method.get('revision_mode')} mode, buffers {method.get('revision_buffers')}; "
+            f"settings: {method.get('cure_settings', 'default')} (`--cure-settings`)")
+
+
 def _epsilon_text(epsilon: float) -> str:
     in_255 = epsilon * 255
     return f"{in_255:g}/255" if abs(in_255 - round(in_255, 2)) < 1e-6 else f"{epsilon:g}"
@@ -307,9 +318,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
     )
     method_config = config["method"]
     method_settings = {
-        "cure": f"p = {method_config['percentile']}, α = {method_config['alpha']}, γ = {method_config['gamma']}, "
-                f"β = {method_config['beta']}, r = {method_config['revision_rate']} ({method_config['revision_rate_schedule']}), "
-                f"d = {method_config['revision_decay']}",
+        "cure": _cure_settings_text(method_config),
         "trades": f"β = {method_config['beta']}",
         "mart": f"β = {method_config['beta']}",
     }.get(method, "")

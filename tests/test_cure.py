@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import cure_hub
+from cure_hub.arguments import parse_train_config
 from cure_hub.attacks import eval_mode
-from cure_hub.config import AttackConfig, MethodConfig
+from cure_hub.config import AttackConfig, InputError, MethodConfig, TrainConfig
 from cure_hub.losses import kl_divergence
 from cure_hub.methods import build_method
 from cure_hub.methods.cure import (
@@ -20,7 +22,9 @@ from cure_hub.methods.cure import (
     revision_rate_at,
     start_share_of_revision,
 )
+from cure_hub.trainer import Trainer
 from helpers import non_robust_natural_model, pgd_accuracy, robust_vs_fragile_task, tiny_model
+from test_trainer import tiny_config
 
 
 def reference_mask(score: np.ndarray, percent: float) -> np.ndarray:
@@ -472,3 +476,35 @@ def test_cure_makes_a_natural_model_robust_on_a_small_task():
     # 0.52-0.85 after these 30 steps; the bars leave margins of at least 0.2 on either side.
     assert start_robust < 0.2
     assert pgd_accuracy(model, test_images, test_labels) > start_robust + 0.3
+
+
+def test_cure_settings_set_every_switch_of_their_reference_and_a_flag_beside_them_overrides_one(tmp_path):
+    official = parse_train_config(["--cure-settings", "official", "--revision-mode", "eval", "--output-dir", str(tmp_path)])
+    method = official.method
+    assert (official.attack.epsilon, official.attack.step_size) == (0.031, 0.007)
+    assert (method.beta, method.rgp_adversarial_loss, method.rgp_signed, method.mask_scope, method.revision_warmup,
+            method.revision_buffers, method.revision_rate_schedule) == (5.0, "kl", True, "official", True, "keep", "constant")
+    assert method.revision_mode == "eval"  # the flag beside the preset; the official code's is "train"
+    assert TrainConfig.from_dict(official.to_dict()) == official  # config.yaml holds every resolved value
+    paper = parse_train_config(["--cure-settings", "paper", "--output-dir", str(tmp_path)])
+    assert (paper.attack.epsilon, paper.method.beta, paper.method.mask_scope, paper.method.revision_warmup) == (8 / 255, 1.0, "all", False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method:\n  cure_settings: official\n  beta: 6\n")
+    from_recipe = parse_train_config(["--recipe", str(recipe), "--output-dir", str(tmp_path)])
+    assert (from_recipe.method.beta, from_recipe.method.rgp_signed) == (6.0, True)
+    assert parse_train_config(["--output-dir", str(tmp_path)]).method == MethodConfig()  # "default" changes nothing
+    with pytest.raises(InputError, match="cure_settings 'official' sets CURE's switches; it does not apply to method 'trades'"):
+        TrainConfig.from_dict({"method": {"method": "trades", "cure_settings": "official"}})
+
+
+def test_cure_settings_and_their_values_reach_the_run_folder_and_the_card(tmp_path):
+    sections = tiny_config(tmp_path / "run").to_dict()
+    sections["method"] = {"method": "cure", "cure_settings": "official", "revision_rate": 0.7}
+    sections["attack"] = {"steps": 2}
+    Trainer(TrainConfig.from_dict(sections)).train()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["method"]["cure_settings"] == "official" and saved["method"]["rgp_signed"] is True
+    assert saved["attack"]["epsilon"] == 0.031
+    card = (tmp_path / "run" / "export" / "README.md").read_text()
+    assert ("d = 0.999, warm-up min(1 − 1/(t+2), d); RGP on the TRADES KL of x_adv, signed, mask scope official; revision "
+            "model in train mode, buffers keep; settings: official (`--cure-settings`)") in card
