@@ -6,8 +6,8 @@
   below the best; ``--stop-on-robust-overfitting`` then ends the run (the best weights are kept
   in ``weights/best.safetensors`` either way, and ``--export-weights best`` exports them).
 * **Training collapse**, from the training metrics the trainer logs: the training batches'
-  accuracy stays below ``drop`` times where the method started for ``patience`` logged steps in a
-  row, while the method's regulariser (TRADES's and MART's beta-weighted KL, CURE's gamma L_CR)
+  accuracy stays below ``drop`` times where the method started (its first batch, through the
+  starting weights) for ``patience`` logged steps in a row, while the method's regulariser (TRADES's and MART's beta-weighted KL, CURE's gamma L_CR)
   outweighs its main loss (CE; CURE's L_adv). Adversarial training from a natural model loses
   clean accuracy at first and wins part of it back; a run whose regulariser has taken over does
   not (CURE at the paper's fixed decay in a short run on a GPU: docs/cure.md, "A guard against
@@ -27,8 +27,6 @@ from .evaluation_checks import LARGE_EPSILON, LARGE_EPSILON_TOLERANCE
 
 ROBUST_OVERFITTING = "robust overfitting"
 TRAINING_COLLAPSE = "training collapse"
-#: Logged steps whose training accuracy, averaged, is where the method started.
-START_STEPS = 3
 GRADIENT_MASKING = "gradient masking"
 #: PGD steps of the large-ε probe: with steps of ε/4 it can travel 2.5 ε, whatever the
 #: evaluation's own number of steps.
@@ -53,13 +51,13 @@ def robust_overfitting(history: list[float], margin: float, patience: int) -> st
 
 
 def training_collapse(history: list[list[float]], drop: float, patience: int) -> str | None:
-    """The alarm's message when training has collapsed. ``history`` holds, per logged step of the
-    method (oldest first), ``[training accuracy, main loss, regulariser]``: it fires when the
-    accuracy of each of the last ``patience`` steps lies below ``drop`` times the mean of the
-    first :data:`START_STEPS`, and the regulariser outweighs the main loss on their average."""
-    if len(history) < START_STEPS + patience:
+    """The alarm's message when training has collapsed. ``history`` holds ``[training accuracy,
+    main loss, regulariser]`` of the method's first step (the starting weights' accuracy), then of
+    each logged step: it fires when the accuracy of each of the last ``patience`` logged steps lies
+    below ``drop`` times the first, and the regulariser outweighs the main loss on their average."""
+    if len(history) < 1 + patience:
         return None
-    start = sum(accuracy for accuracy, _, _ in history[:START_STEPS]) / START_STEPS
+    start = history[0][0]
     recent = history[-patience:]
     accuracy, main, regulariser = (sum(values) / patience for values in zip(*recent))
     if all(step[0] < drop * start for step in recent) and regulariser > main:

@@ -650,9 +650,11 @@ class Trainer:
         method.after_optimizer_step(self.model, state.step - (self.warmup_steps if method is self.method else 0))
         state.step += 1
         progress.update(1)
+        if method is self.method and state.step == self.warmup_steps + 1 and not logs_now:  # where the collapse alarm starts
+            self._watch_collapse(output.metrics)
         if logs_now:
             rate = self._images_seen / (time.perf_counter() - self._segment_started)
-            collapse = self._training_collapse(output.metrics)
+            collapse = self._watch_collapse(output.metrics)
             self._log({**output.metrics, **extra, **({"health/alarms": collapse} if collapse else {})},
                       images_per_second=rate, progress=progress)
             self._log_layer_statistics(method)
@@ -739,8 +741,8 @@ class Trainer:
             with open(self.output_dir / "layer_statistics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.state.step, "layers": statistics}) + "\n")
 
-    def _training_collapse(self, metrics: dict) -> str | None:
-        """The training-collapse alarm on this logged step's metrics (cure_hub.alarms), the first time it
+    def _watch_collapse(self, metrics: dict) -> str | None:
+        """The training-collapse alarm with this step's metrics (cure_hub.alarms), the first time it
         fires: kept in the state for the summary and the card, logged, shown in the progress bar. A
         method without a regulariser is not watched. Every process decides alike, on the metrics
         averaged over the processes."""

@@ -28,10 +28,10 @@ def test_robust_overfitting_fires_on_a_rise_and_fall_only():
         assert robust_overfitting(calm, margin=0.02, patience=2) is None, calm
 
 
-#: [training accuracy, main loss, regulariser] per logged step. The run that collapsed on an H200
-#: (docs/cure.md): from a natural model at 88.5 %, training accuracy near 25 % from step 100 to its
-#: end at 1,560, with L_CR the largest part of its loss.
-START = [[0.88, 1.0, 0.5]] * 3
+#: [training accuracy, main loss, regulariser] of the first step, then per logged step. The run that
+#: collapsed on an H200 (docs/cure.md): from a natural model at 88.5 %, training accuracy near 25 %
+#: from step 100 to its end at 1,560, with L_CR the largest part of its loss.
+START = [[0.88, 1.0, 0.5]]
 DOWN = [[0.25, 1.9, 2.4]] * 20
 
 
@@ -117,29 +117,31 @@ class ScriptedTrainingMetrics(Trainer):
     RECOVERED, MAIN_LEADS = [[0.6, 1.2, 1.0]], [[0.3, 2.0, 1.0]]
     SCRIPT = START + DOWN[:3] + RECOVERED + MAIN_LEADS * 4 + RECOVERED + DOWN
 
-    def _training_collapse(self, metrics):
+    def _watch_collapse(self, metrics):
         accuracy, main, regulariser = (torch.tensor(v) for v in self.SCRIPT[len(self.state.training_history)])
-        return super()._training_collapse({**metrics, "clean_acc": accuracy, "main_loss": main, "regulariser": regulariser})
+        return super()._watch_collapse({**metrics, "clean_acc": accuracy, "main_loss": main, "regulariser": regulariser})
 
 
 @pytest.mark.parametrize("stop", [False, True])
 def test_training_collapse_reaches_the_log_the_summary_and_the_card_or_stops_the_run(tmp_path, stop):
-    """Patience 4 over the script above: the dip (3 steps) and the stretch where the main loss leads
-    do not fire; the last fall does at its fourth logged step, step 16 (a logged step every step). With
-    --stop-on-collapse the run ends there, with a checkpoint, the cause and fix named, no export."""
+    """Patience 4 over the script above, a logged step every 2 steps after the first step (the start):
+    the dip and the stretch where the main loss leads do not fire; the last fall does at its fourth
+    logged step, step 26. With --stop-on-collapse the run ends there, with a checkpoint, the cause and
+    fix named, no export."""
     sections = dict(data={"dataset": "digits", "train_subset": 32, "eval_subset": 16}, method={"method": "trades"},
-                    optim={"max_steps": 20}, run={"collapse_patience": 4, "stop_on_collapse": stop})
+                    optim={"max_steps": 30}, run={"collapse_patience": 4, "stop_on_collapse": stop, "log_every_steps": 2})
     trainer = ScriptedTrainingMetrics(tiny_config(tmp_path / "run", **sections))
     run = tmp_path / "run"
     if stop:
-        with pytest.raises(TrainingCollapsedError, match=r"^training collapse: .* \(step 16\)\. Likely cause and fix: .*--lr"):
+        with pytest.raises(TrainingCollapsedError, match=r"^training collapse: .* \(step 26\)\. Likely cause and fix: .*--lr"):
             trainer.train()
-        assert (run / "checkpoints" / "step_0000016").is_dir() and not (run / "export").exists()
+        assert (run / "checkpoints" / "step_0000026").is_dir() and not (run / "export").exists()
         return
     trainer.train()
+    assert len(trainer.state.training_history) == 1 + 30 // 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     (fired,) = [r for r in records if "training collapse" in r.get("health/alarms", "")]
-    assert fired["step"] == 16 and "train/loss" in fired
+    assert fired["step"] == 26 and "train/loss" in fired
     summary = json.loads((run / "summary.json").read_text())
     assert [a for a in summary["alarms"] if a.startswith("training collapse")] == [fired["health/alarms"]]
     assert "  - training collapse: training accuracy 0.2500 has stayed below 0.5 x its start 0.8800" in (
