@@ -19,11 +19,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .attacks import pgd_attack
 from .config import AttackConfig
 from .evaluation_checks import LARGE_EPSILON, LARGE_EPSILON_TOLERANCE
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingCollapsedError(RuntimeError):
+    """The training-collapse alarm fired under ``--stop-on-collapse``: the run stopped, with a checkpoint and no export."""
+
 
 ROBUST_OVERFITTING = "robust overfitting"
 TRAINING_COLLAPSE = "training collapse"
@@ -74,6 +83,36 @@ def gradient_masking(clean: float, robust: float, large_epsilon_accuracy: float 
         return (f"{GRADIENT_MASKING}: PGD at eps = {LARGE_EPSILON * 255:.0f}/255 still leaves {large_epsilon_accuracy:.4f} "
                 "accuracy on an evaluation batch; gradients may be masked (catastrophic overfitting?)")
     return None
+
+
+def record_training_step(state, run, values: list[float]) -> str | None:
+    """Adds ``values`` (:func:`training_collapse`'s history entry) to ``state.training_history``; the
+    collapse alarm's message the first time it fires (then also in ``state.alarms``, and logged)."""
+    state.training_history.append(values)
+    message = training_collapse(state.training_history, run.collapse_drop, run.collapse_patience)
+    if message is None or any(alarm.startswith(TRAINING_COLLAPSE) for alarm in state.alarms):
+        return None
+    logger.warning("step %d: %s", state.step, message)
+    state.alarms.append(message)
+    return message
+
+
+def record_evaluation(state, run, adversarial: bool, clean: float, robust: float, large_epsilon: float) -> list[str]:
+    """The alarms of an evaluation: robust overfitting for an adversarial method only (natural
+    training's PGD accuracy near zero wobbles below its best and means nothing), and gradient
+    masking. Each is logged and kept in ``state.alarms``; robust overfitting under
+    ``--stop-on-robust-overfitting`` sets ``state.stopped_by_alarm``."""
+    if adversarial:
+        state.robust_history.append(robust)
+    overfitting = robust_overfitting(state.robust_history, run.overfitting_margin, run.overfitting_patience) if adversarial else None
+    fired = [message for message in (overfitting, gradient_masking(clean, robust, large_epsilon)) if message]
+    for message in fired:
+        logger.warning("step %d: %s", state.step, message)
+        if message not in state.alarms:
+            state.alarms.append(message)
+        if message.startswith(ROBUST_OVERFITTING) and run.stop_on_robust_overfitting:
+            state.stopped_by_alarm = True
+    return fired
 
 
 def large_epsilon_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,

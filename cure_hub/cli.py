@@ -31,11 +31,12 @@ def _models(args: argparse.Namespace) -> int:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors that describe bad input rather than a bug: reported in one line, no traceback."""
+    from .alarms import TrainingCollapsedError
+    from .checkpoints import TrainingDivergedError
     from .config import InputError
     from .data import DatasetUnavailableError
     from .hub import ExportError, HubPushError
     from .models import CheckpointMismatchError
-    from .trainer import TrainingCollapsedError, TrainingDivergedError
 
     return (InputError, DatasetUnavailableError, ExportError, HubPushError, CheckpointMismatchError,
             TrainingDivergedError, TrainingCollapsedError, FileExistsError, FileNotFoundError)

@@ -9,11 +9,11 @@ import torch
 
 import pytest
 
-from cure_hub.alarms import gradient_masking, large_epsilon_accuracy, robust_overfitting, training_collapse
+from cure_hub.alarms import TrainingCollapsedError, gradient_masking, large_epsilon_accuracy, robust_overfitting, training_collapse
 from cure_hub.cli import main as cli_main
 from cure_hub.config import TrainConfig
 from cure_hub.hub import export_run
-from cure_hub.trainer import Trainer, TrainingCollapsedError
+from cure_hub.trainer import Trainer
 from helpers import Brightness
 from test_trainer import tiny_config
 

@@ -15,7 +15,8 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from cure_hub.hub import load_robust_model
-from cure_hub.trainer import SHARDING_ENGINES, check_engine_supports
+from cure_hub.methods.cure import SHARDING_ENGINES
+from cure_hub.preflight import check_engine_supports
 from hub_server import LoopbackHub, hub_env
 
 pytestmark = pytest.mark.slow

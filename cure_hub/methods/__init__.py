@@ -18,6 +18,11 @@ def build_method(config: MethodConfig, attack: AttackConfig) -> Method:
     return METHOD_CLASSES[config.method](config, attack)
 
 
+def build_natural_method(attack: AttackConfig) -> Method:
+    """Natural training, for the warm-up before a method that starts from a naturally trained model (CURE-Eff)."""
+    return StandardTraining(MethodConfig(method=StandardTraining.name), attack)
+
+
 def compile_for_training(model: nn.Module, method: Method) -> None:
     """``--compile``: compiles ``model`` in place, so that its state dict, its wrappers and its
     exports stay as they are, and has ``method`` compile the models it makes of it (CURE's revision
@@ -31,4 +36,4 @@ def compile_for_training(model: nn.Module, method: Method) -> None:
         torch._functorch.config.donated_buffer = False
 
 
-__all__ = ["CURE", "MART", "METHOD_CLASSES", "Method", "PGDAdversarialTraining", "StandardTraining", "StepOutput", "TRADES", "build_method", "compile_for_training"]
+__all__ = ["CURE", "MART", "METHOD_CLASSES", "Method", "PGDAdversarialTraining", "StandardTraining", "StepOutput", "TRADES", "build_method", "build_natural_method", "compile_for_training"]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..attacks import AttackLoss, pgd_attack
-from ..config import AttackConfig, MethodConfig
+from ..config import AttackConfig, MethodConfig, TrainConfig
 
 
 @dataclasses.dataclass
@@ -78,6 +78,25 @@ class Method:
         #: method's own, such as CURE's revision model, are compiled then too.
         self.compile_models: bool = False
 
+    # ---- checks before training (cure_hub.preflight calls them) -------------------------------
+    @classmethod
+    def check_start(cls, config: TrainConfig) -> None:
+        """Refuse (:class:`~cure_hub.config.InputError`) or warn about a start the method cannot
+        train well from, before any data is loaded."""
+
+    @classmethod
+    def check_engine(cls, distributed_type) -> None:
+        """Refuse an Accelerate engine (``accelerator.distributed_type``) under which the method
+        would silently train something else."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model the method cannot train, before the first step (it may come after a warm-up)."""
+
+    def schedule_warnings(self, total_steps: int) -> list[str]:
+        """Warnings about the method's settings over a run of ``total_steps`` of its steps."""
+        return []
+
+    # ---- training ----------------------------------------------------------------------------
     def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
         """Called once before training with the (unwrapped) model and the number of optimiser steps."""
 
@@ -90,6 +109,10 @@ class Method:
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Update method state after optimiser step ``step`` (counted from 0)."""
+
+    def extra_weights(self) -> dict[str, nn.Module]:
+        """Models of the method's own, saved beside the model's at the end (``weights/<name>.safetensors``)."""
+        return {}
 
     def layer_statistics(self) -> dict[str, dict[str, float]]:
         """Per-parameter statistics of the last step that recorded them (the trainer writes them

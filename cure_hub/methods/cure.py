@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import itertools
+import logging
 import math
 from typing import Any
 
@@ -31,10 +32,19 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from ..attacks import module_mode
+from ..config import InputError, TrainConfig
 from ..losses import kl_divergence
-from ..models import HeadNotFoundError
+from ..models import HeadNotFoundError, has_pretrained_weights, loads_pretrained_weights
 from .base import MAIN_LOSS, REGULARISER, Method, StepOutput, accuracy, unwrap
 
+
+logger = logging.getLogger(__name__)
+
+#: Accelerate's engines that shard parameters or gradients over the processes, or take the
+#: optimiser step themselves.
+SHARDING_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+#: The revision model's share of the start at the last step from which a run is warned about.
+START_SHARE_WARNED = 0.5
 
 #: On a CPU, tensors this large take the sampled selection; its sample has _SAMPLE_SIZE entries.
 _SAMPLED_SELECTION_MIN_SIZE, _SAMPLE_SIZE = 32_768, 4096
@@ -206,6 +216,57 @@ class CURE(Method):
         "over a short run): add --revision-warmup (the official code's decay warm-up), or raise --revision-rate and "
         "lower --revision-decay, or lower --lr or --gamma")
 
+    # ---- checks before training -----------------------------------------------------------------
+    @classmethod
+    def check_start(cls, config: TrainConfig) -> None:
+        """CURE fine-tunes a naturally trained model. From random weights it is refused where the
+        architecture has pretrained ones (the bare ``--model vit_small`` most likely meant them),
+        and warned about elsewhere (an architecture with none, or ``--from-scratch``)."""
+        model, optim = config.model, config.optim
+        if model.init_from or optim.warmup_epochs or loads_pretrained_weights(model.model, model.pretrained):
+            return
+        if has_pretrained_weights(model.model) and not model.from_scratch:
+            raise InputError(
+                f"CURE fine-tunes a naturally trained model, and {model.model} has pretrained weights: add --pretrained "
+                f"(its own input size and normalisation; CIFAR images are resized), or --init-from RUN, --warmup-epochs N "
+                f"(CURE-Eff), or --from-scratch to start from random weights anyway"
+            )
+        logger.warning("CURE from random weights: the method assumes a naturally trained start. Pass --init-from (a "
+                       "natural model), --pretrained, or --warmup-epochs N (CURE-Eff).")
+
+    @classmethod
+    def check_engine(cls, distributed_type) -> None:
+        """CURE needs every process to hold whole weight and gradient tensors between backward and the
+        optimiser step (DDP): its masks are percentiles over whole tensors, and its revision model is
+        a copy of whole weights. Under FSDP, DeepSpeed or Megatron-LM a process holds shards, so the
+        masks would silently differ from the method's: refuse, rather than train something else."""
+        if distributed_type.name in SHARDING_ENGINES:
+            raise InputError(
+                f"CURE needs data-parallel training (DDP): under {distributed_type.name} each process holds shards of the "
+                "weights and gradients, and CURE's masks are percentiles over whole tensors. Launch without "
+                "FSDP/DeepSpeed (accelerate config: distributed type MULTI_GPU), or train another --method"
+            )
+
+    def check_model(self, model: nn.Module) -> None:
+        """A head that cannot be found fails now, not after a warm-up."""
+        c = self.config
+        if c.use_rgp:
+            masked_parameter_names(model, c.mask_scope, c.mask_include, c.mask_exclude)
+
+    def schedule_warnings(self, total_steps: int) -> list[str]:
+        """Warns when the revision model would still be mostly the starting model at the last step:
+        its consistency loss then pulls the model back towards natural training all run long (the
+        paper's r and d average over the last ~5,000 of its 78,000 steps; docs/cure.md)."""
+        c = self.config
+        if not c.use_revision or (share := start_share_of_revision(c, total_steps)) < START_SHARE_WARNED:
+            return []
+        rate = f"r {c.revision_rate:g}" + (
+            "" if c.revision_rate_schedule == "constant" else f" ({c.revision_rate_schedule} to {c.revision_rate_min:g})")
+        return [f"CURE's revision model will still be about {100 * share:.0f}% the starting model at the last of {total_steps} "
+                f"steps ({rate}, d {c.revision_decay:g}), so L_CR keeps pulling the model back to it. For a run this short raise "
+                "--revision-rate or lower --revision-decay (the cpu-small benchmark: 0.5 and 0.95), or add --revision-warmup."]
+
+    # ---- training ----------------------------------------------------------------------------
     def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
         config = self.config
         model = unwrap(model)
@@ -322,6 +383,9 @@ class CURE(Method):
             return {}
         self._statistics = statistics
         return {"updated_share": torch.stack(list(statistics.values()))[:, 0].mean()}
+
+    def extra_weights(self) -> dict[str, nn.Module]:
+        return {"revision": self.revision_model} if self.revision_model is not None else {}
 
     def layer_statistics(self) -> dict[str, dict[str, float]]:
         """Per masked tensor, the share of entries with a non-zero masked gradient and the mean

@@ -1,0 +1,126 @@
+"""A training run's folder on disk: the one place that knows its layout.
+
+::
+
+    config.yaml              the resolved TrainConfig
+    model_spec.json          how to rebuild the network (architecture, arguments, mean/std, labels)
+    metrics.jsonl            one JSON object per logged step and per evaluation
+    layer_statistics.jsonl   per logged step, the method's per-parameter statistics (CURE: Figure 6)
+    weights/last.safetensors       the model at the end (bare backbone state dict)
+    weights/best.safetensors       the model with the best PGD accuracy during training
+    weights/revision.safetensors   CURE's revision model at the end
+    weights/start.safetensors      the weights the robust method started from (for cure-hub tradeoff)
+    weights/<name>.json            what each weights file is (step, evaluation)
+    checkpoints/step_XXXXXXX/      full training state (cure_hub.checkpoints)
+    summary.json             steps, wall time, hardware, final and best evaluation
+    export/                  the Hub-ready export of the run (cure_hub.hub)
+
+Whole files are written under a temporary name and renamed into place, so a killed run never
+leaves a half-written one looking whole; what a killed run left half-written is removed when the
+run starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from huggingface_hub import save_torch_state_dict
+
+CONFIG = "config.yaml"
+MODEL_SPEC = "model_spec.json"
+METRICS = "metrics.jsonl"
+LAYER_STATISTICS = "layer_statistics.jsonl"
+SUMMARY = "summary.json"
+WEIGHTS = "weights"
+CHECKPOINTS = "checkpoints"
+EXPORT = "export"
+#: What a run folder holds besides its configuration: removed by --overwrite-output-dir.
+RUN_OUTPUTS = (CHECKPOINTS, WEIGHTS, EXPORT, METRICS, LAYER_STATISTICS, SUMMARY)
+
+
+class RunFolder:
+    """Reads and writes one run folder. Only the main process writes; callers see to that."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def export(self) -> Path:
+        return self.path / EXPORT
+
+    def holds_run(self) -> bool:
+        return (self.path / CONFIG).exists()
+
+    def weights_file(self, name: str) -> Path:
+        return self.path / WEIGHTS / f"{name}.safetensors"
+
+    def clear_outputs(self) -> None:
+        """Remove an earlier run's outputs, and nothing else in the folder (--overwrite-output-dir)."""
+        for name in RUN_OUTPUTS:
+            path = self.path / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def remove_partial_writes(self) -> None:
+        """Remove what a killed run left half-written (never read: complete files are renamed into place)."""
+        for leftover in [*self.path.glob(f"{CHECKPOINTS}/*.partial"), *self.path.glob(f"{WEIGHTS}/.*.partial"),
+                         *self.path.glob(".*.partial")]:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+    def write_description(self, config: dict, model_spec: dict) -> None:
+        """config.yaml and model_spec.json: what the run is and how to rebuild its network."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.remove_partial_writes()
+        write_atomically(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        write_atomically(self.path / MODEL_SPEC, json.dumps(model_spec, indent=2))
+
+    def append(self, log: str, record: dict) -> None:
+        """One record at the end of the log ``log`` (METRICS or LAYER_STATISTICS)."""
+        with open(self.path / log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_logs(self, step: int) -> None:
+        """Drop what was logged after the checkpoint of ``step``: a resumed run logs it again. An
+        evaluation at the checkpoint's own step came after it (checkpoints precede evaluations)."""
+
+        def kept(record: dict, log: str) -> bool:
+            is_evaluation = any(key.startswith("eval/") for key in record)
+            return record["step"] < step or (record["step"] == step and not (log == METRICS and is_evaluation))
+
+        for log in (METRICS, LAYER_STATISTICS):
+            path = self.path / log
+            if path.is_file():
+                lines = [line for line in path.read_text().splitlines() if line.strip()]
+                write_atomically(path, "".join(line + "\n" for line in lines if kept(json.loads(line), log)))
+
+    def save_weights(self, name: str, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+        """``weights/<name>.safetensors`` (and, given ``metadata``, ``weights/<name>.json``)."""
+        folder = self.path / WEIGHTS
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        partial = folder / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        save_torch_state_dict(state, partial, filename_pattern=name + "{suffix}.safetensors", max_shard_size="100GB")
+        os.replace(partial / f"{name}.safetensors", self.weights_file(name))
+        shutil.rmtree(partial, ignore_errors=True)
+        if metadata is not None:
+            write_atomically(folder / f"{name}.json", json.dumps(metadata, indent=2))
+
+    def write_summary(self, summary: dict) -> None:
+        write_atomically(self.path / SUMMARY, json.dumps(summary, indent=2))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file renamed into place."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
