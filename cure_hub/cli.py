@@ -9,10 +9,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from collections.abc import Callable
 
 from .arguments import ArgumentParser, key_value, number
 from .config import BATCH_NORM_BATCHES, WEIGHT_CHOICES
+from .console import exit_code_of, setup_logging
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -27,29 +27,6 @@ def _models(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader stopped early (`cure-hub models | head`): Python's documented remedy
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if names else 1
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors that describe bad input rather than a bug: reported in one line, no traceback."""
-    from .alarms import TrainingCollapsedError
-    from .checkpoints import TrainingDivergedError
-    from .config import InputError
-    from .data import DatasetUnavailableError
-    from .hub import ExportError, HubPushError
-    from .models import CheckpointMismatchError
-
-    return (InputError, DatasetUnavailableError, ExportError, HubPushError, CheckpointMismatchError,
-            TrainingDivergedError, TrainingCollapsedError, FileExistsError, FileNotFoundError)
-
-
-def exit_code_of(command: str, run: Callable[[], int]) -> int:
-    """``run()``, with a user error printed as ``COMMAND: error: ...`` and exit status 2 (as
-    argparse's for a bad flag)."""
-    try:
-        return run()
-    except user_errors() as err:  # evaluated only when something is raised: imports stay lazy
-        print(f"{command}: error: {err}", file=sys.stderr)
-        return 2
 
 
 def _train(train_args: list[str]) -> int:
@@ -344,12 +321,6 @@ def build_parser() -> ArgumentParser:
                         help="Only the names (instant), without each one's library and parameter count.")
     models.set_defaults(run=_models)
     return parser
-
-
-def setup_logging() -> None:
-    """Our own progress at INFO; other libraries' at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("cure_hub").setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ process). ``--help`` lists every flag with its default.
 import sys
 
 from cure_hub.arguments import parse_train_config
-from cure_hub.cli import exit_code_of, setup_logging
+from cure_hub.console import exit_code_of, setup_logging
 from cure_hub.trainer import train
 
 
