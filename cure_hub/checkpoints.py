@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import InputError
+from .run_folder import RunFolder
 
 CHECKPOINT_PREFIX = "step_"
 PROCESS_STATE_FILE = "process_state_{}.pt"
@@ -100,7 +101,7 @@ class Checkpointer:
         process's own state."""
         location = Path(location)
         if not (location / "random_states_0.pkl").exists():
-            found = complete_checkpoints(location / "checkpoints")
+            found = complete_checkpoints(RunFolder(location).checkpoints)
             if not found:
                 raise FileNotFoundError(f"no checkpoint in {location} (expected checkpoints/{CHECKPOINT_PREFIX}*)")
             location = found[-1]

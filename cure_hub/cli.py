@@ -13,6 +13,7 @@ from pathlib import Path
 from .arguments import ArgumentParser, key_value, number
 from .config import BATCH_NORM_BATCHES, WEIGHT_CHOICES
 from .console import exit_code_of, setup_logging
+from .run_folder import RunFolder
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -102,7 +103,7 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
     identity = {
         "model": args.model,
         # Which weights of a training run were evaluated: export --eval-results refuses others.
-        "weights": args.weights if (Path(args.model) / "model_spec.json").is_file() else None,
+        "weights": args.weights if RunFolder(args.model).is_run() else None,
         "dataset": args.dataset,
         "split": split,
         "split_examples": split_size,
@@ -153,7 +154,6 @@ def _tradeoff(args: argparse.Namespace) -> int:
     import json
 
     import torch
-    import yaml
     from torch.utils.data import DataLoader
 
     from .config import DataConfig
@@ -162,10 +162,10 @@ def _tradeoff(args: argparse.Namespace) -> int:
     from .interpolation import TRADEOFF_FILE, tradeoff_curve
     from .plots import plot_interpolation
 
-    run = Path(args.run_dir)
-    if not (run / "config.yaml").is_file():
+    run, folder = Path(args.run_dir), RunFolder(args.run_dir)
+    if not folder.holds_run():
         raise FileNotFoundError(f"{run} is not a training run folder (no config.yaml)")
-    trained = yaml.safe_load((run / "config.yaml").read_text())
+    trained = folder.read_config()
     data_config = DataConfig(dataset=args.dataset or trained["data"]["dataset"], eval_split=args.split,
                              image_size=trained["data"].get("image_size"), subset_seed=args.seed)
     examples, split, _, split_size, _ = load_eval_split(data_config, args.n_examples)

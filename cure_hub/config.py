@@ -11,6 +11,7 @@ import types
 import typing
 from pathlib import Path
 
+from .run_folder import RunFolder
 
 #: The weights a training run writes (``RUN/weights/<name>.safetensors``), and what each is.
 WEIGHT_CHOICES = {
@@ -546,7 +547,7 @@ def run_folder_of(resume_from: str | os.PathLike) -> Path:
     """The run folder that ``resume_from`` (a run folder or one of its checkpoints) belongs to."""
     path = Path(resume_from)
     for candidate in (path, path.parent.parent):
-        if (candidate / "config.yaml").is_file():
+        if RunFolder(candidate).holds_run():
             return candidate
     raise InputError(f"cannot resume from {str(resume_from)!r}: it is not a run folder (no config.yaml) nor one of its checkpoints")
 
@@ -555,7 +556,7 @@ def config_for_resume(resume_from: str, overrides: dict | None = None) -> TrainC
     """The configuration of the run that ``resume_from`` belongs to, written to its folder, with
     ``overrides`` on top; an override that would change the run's trajectory is refused."""
     folder = run_folder_of(resume_from)
-    saved = TrainConfig.from_yaml(str(folder / "config.yaml"))
+    saved = TrainConfig.from_yaml(str(RunFolder(folder).config_file))
     sections = merge_sections(saved.to_dict(), {"run": {"output_dir": str(folder)}})
     sections = merge_sections(sections, overrides or {})
     sections["run"]["resume_from"] = str(resume_from)

@@ -24,6 +24,7 @@ from pathlib import Path
 from .config import WEIGHT_CHOICES
 from .evaluation import INTERVAL_METHOD, NORM_NAMES, wilson_interval
 from .models import ModelSpec, RobustClassifier, check_finite, from_transformers_pretrained, model_from_spec
+from .run_folder import RunFolder
 
 
 def _read_json(path: Path) -> dict:
@@ -41,13 +42,12 @@ def load_robust_model(location: str | os.PathLike, revision: str | None = None, 
 
 
 def _load_robust_model(location: str, revision: str | None, weights: str) -> RobustClassifier:
-    path = Path(location)
-    if (path / "model_spec.json").is_file():  # a training run
-        weights_file = path / "weights" / f"{weights}.safetensors"
+    path, run = Path(location), RunFolder(location)
+    if run.is_run():
+        weights_file = run.weights_file(weights)
         if not weights_file.is_file():
-            available = sorted(p.stem for p in (path / "weights").glob("*.safetensors"))
-            raise FileNotFoundError(f"run {path} has no {weights!r} weights; it has {available}")
-        return model_from_spec(ModelSpec.from_dict(_read_json(path / "model_spec.json")), weights_file)
+            raise FileNotFoundError(f"run {path} has no {weights!r} weights; it has {run.weights_names()}")
+        return model_from_spec(ModelSpec.from_dict(run.read_model_spec()), weights_file)
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -191,11 +191,10 @@ def _package_versions() -> dict[str, str]:
 
 def _eval_results_from_run(run: Path, weights: str, config: dict) -> dict:
     """The run's own evaluation of these weights, in the shape of ``cure-hub eval``'s results."""
-    metadata_file = run / "weights" / f"{weights}.json"
-    metadata = _read_json(metadata_file) if metadata_file.is_file() else {}
+    metadata = RunFolder(run).weights_metadata(weights)
     accuracy = {("clean" if k == "eval/clean_acc" else k.removeprefix("eval/").removesuffix("_acc")): v
                 for k, v in metadata.items() if k.startswith("eval/")}
-    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+    summary = RunFolder(run).read_summary()
     return {
         "model": str(run),
         "dataset": config["data"]["dataset"],
@@ -407,17 +406,16 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     """
     import tempfile
 
-    import yaml
-
     run, out = Path(run_dir), Path(out_dir)
     if weights not in WEIGHT_CHOICES:
         raise ExportError(f"weights must be one of {list(WEIGHT_CHOICES)}, got {weights!r}")
-    if not (run / "model_spec.json").is_file() or not (run / "config.yaml").is_file():
+    folder = RunFolder(run)
+    if not folder.is_run() or not folder.holds_run():
         raise ExportError(f"{run} is not a training run folder (no model_spec.json / config.yaml)")
     _check_export_target(run, out, overwrite)
     for leftover in out.parent.glob(f".{out.name}.partial-*"):  # from an export that was killed
         shutil.rmtree(leftover, ignore_errors=True)
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = folder.read_config()
     if interpolate is not None:
         if eval_results:
             raise ExportError("--interpolate takes its evaluation from the run's tradeoff curve; leave out --eval-results")
@@ -430,7 +428,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         else:
             results = _eval_results_from_run(run, weights, config)
     results = without_local_paths(results)
-    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+    summary = folder.read_summary()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
@@ -495,7 +493,7 @@ def without_local_paths(value):
 def _check_results_are_of(results: dict, run: Path, weights: str, results_file) -> None:
     """Refuse results measured on another model, or on other weights of this run."""
     evaluated = Path(str(results.get("model", "")))
-    if not (evaluated / "model_spec.json").is_file() or evaluated.resolve() != run.resolve():
+    if not RunFolder(evaluated).is_run() or evaluated.resolve() != run.resolve():
         raise ExportError(f"{results_file} holds results of {results.get('model')!r}, not of the run {str(run)!r}; "
                           f"evaluate the run: cure-hub eval {run} --weights {weights} ...")
     if results.get("weights") != weights:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import BATCH_NORM_BATCHES, InputError
+from .run_folder import RunFolder
 
 
 def interpolate_state(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
@@ -50,7 +51,7 @@ def _end_points(run_dir: str | Path, weights: str):
     """The run's model with its ``weights``, and the state dicts of the start and of those weights."""
     from .hub import load_robust_model
 
-    start_file = Path(run_dir) / "weights" / "start.safetensors"
+    start_file = RunFolder(run_dir).weights_file("start")
     if not start_file.is_file():
         raise InputError(f"{run_dir} has no weights/start.safetensors: it was trained before cure-hub recorded the "
                          "weights a robust fine-tuning starts from; train it again to interpolate")
@@ -97,7 +98,7 @@ def training_batches(run_dir: str | Path, batch_size: int = 128):
     from .data import load_data
     from .streaming import load_streamed_data
 
-    config = TrainConfig.from_yaml(str(Path(run_dir) / "config.yaml"))
+    config = TrainConfig.from_yaml(str(RunFolder(run_dir).config_file))
     data = load_streamed_data(config.data) if config.data.streaming else load_data(config.data)
     return DataLoader(data.train, batch_size=batch_size, collate_fn=data.train_collate)
 

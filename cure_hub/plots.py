@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .run_folder import LAYER_STATISTICS, METRICS, RunFolder
+
 
 def _pyplot():
     import matplotlib
@@ -73,7 +75,7 @@ def plot_tradeoff(results_files: list[Path], output: Path, robust: str = "pgd20"
 
 def plot_training(run_dir: Path, output: Path) -> Path | None:
     """Clean and PGD accuracy of the evaluations during a run: robust overfitting shows here."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = RunFolder(run_dir).read_log(METRICS)
     evals = [r for r in records if "eval/clean_acc" in r]
     if not evals:
         return None
@@ -93,10 +95,7 @@ def plot_training(run_dir: Path, output: Path) -> Path | None:
 def plot_layer_statistics(run_dir: Path, output: Path) -> Path | None:
     """CURE's Figure 6: per masked weight tensor, the share of entries updated and the mean
     gradient magnitude, at the first and the last logged step of a run."""
-    path = run_dir / "layer_statistics.jsonl"
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = RunFolder(run_dir).read_log(LAYER_STATISTICS)
     if not records:
         return None
     first, last = records[0], records[-1]

@@ -74,7 +74,7 @@ def check_output_folder(config: TrainConfig) -> bool:
     run = config.run
     if run.resume_from:
         folder = run_folder_of(run.resume_from)
-        check_resume_changes(TrainConfig.from_yaml(str(folder / "config.yaml")), config, folder)
+        check_resume_changes(TrainConfig.from_yaml(str(RunFolder(folder).config_file)), config, folder)
         return False
     if not RunFolder(run.output_dir).holds_run():
         return False

@@ -57,11 +57,48 @@ class RunFolder:
     def export(self) -> Path:
         return self.path / EXPORT
 
+    # ---- reading ---------------------------------------------------------------------------------
     def holds_run(self) -> bool:
+        """Whether a run was started here (its configuration is written when it starts)."""
         return (self.path / CONFIG).exists()
+
+    def is_run(self) -> bool:
+        """Whether this is a training run's folder (a run describes its network when it starts)."""
+        return (self.path / MODEL_SPEC).is_file()
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    def read_config(self) -> dict:
+        """config.yaml as written, sections of keys (``TrainConfig.from_yaml`` validates it)."""
+        return yaml.safe_load(self.config_file.read_text())
+
+    def read_model_spec(self) -> dict:
+        return json.loads((self.path / MODEL_SPEC).read_text())
+
+    def read_summary(self) -> dict:
+        """summary.json, or nothing for a run that has not finished."""
+        path = self.path / SUMMARY
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def read_log(self, log: str) -> list[dict]:
+        """The records of the log ``log`` (METRICS or LAYER_STATISTICS), none if it was never written."""
+        path = self.path / log
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
     def weights_file(self, name: str) -> Path:
         return self.path / WEIGHTS / f"{name}.safetensors"
+
+    def weights_names(self) -> list[str]:
+        return sorted(p.stem for p in (self.path / WEIGHTS).glob("*.safetensors"))
+
+    def weights_metadata(self, name: str) -> dict:
+        """What ``weights/<name>.json`` says of those weights (step, evaluation), if anything."""
+        path = self.path / WEIGHTS / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    # ---- writing ---------------------------------------------------------------------------------
 
     def clear_outputs(self) -> None:
         """Remove an earlier run's outputs, and nothing else in the folder (--overwrite-output-dir)."""

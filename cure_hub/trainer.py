@@ -10,7 +10,6 @@ generator, so a run killed at any point resumes to the same weights, metrics and
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -128,10 +127,10 @@ def build_model(config: TrainConfig, num_classes: int, image_size: int, label_na
         try:
             load_weights(model, init_weights)
         except CheckpointMismatchError as err:
-            spec_file = Path(config.model.init_from) / "model_spec.json"
-            if not spec_file.is_file():
+            start = RunFolder(config.model.init_from)
+            if not start.is_run():
                 raise
-            spec = json.loads(spec_file.read_text())
+            spec = start.read_model_spec()
             arguments = " ".join(f"{k}={v}" for k, v in spec["model_args"].items() if k != "num_classes")
             raise CheckpointMismatchError(
                 f"{err}. The run {config.model.init_from} built {spec['architecture']} with {spec['model_args']}: "
