@@ -186,8 +186,11 @@ class AttackConfig:
     )
 
     def __post_init__(self):
-        _check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}")
-        _check(self.step_size > 0, f"step_size must be > 0, got {self.step_size}")
+        # Pixels are in [0, 1]: an epsilon of 8 (meaning 8/255) would train against any image at all.
+        _check(0 < self.epsilon <= 1, f"epsilon must be in (0, 1] (pixel units; 8/255 = 0.0314), got {self.epsilon:g}: "
+                                      f"pass --epsilon {self.epsilon:g}/255 if that is what you meant")
+        _check(0 < self.step_size <= 1, f"step_size must be in (0, 1] (pixel units; 2/255 = 0.0078), got {self.step_size:g}: "
+                                        f"pass --step-size {self.step_size:g}/255 if that is what you meant")
         _check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         _check_choices(self)
 
