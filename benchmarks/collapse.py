@@ -4,8 +4,9 @@ From each seed's natural start of a trade-off preset (cpu-small: a quarter-width
 CIFAR-10 images), fine-tunes at every learning rate of --lrs: TRADES, CURE with the paper's r and d
 at a fixed d, and the same with the official code's decay warm-up (--revision-warmup). Every run
 logs its training metrics every --log-every-steps steps; the figure plots, against steps, the
-training batches' clean accuracy, the main loss and the regulariser as weighted in the loss
-(TRADES: CE and beta KL; CURE: L_adv and gamma L_CR), one panel row per learning rate, a thin line
+training batches' clean accuracy, the regulariser (TRADES: beta KL; CURE: gamma L_CR) and the largest
+other term of the loss (TRADES: CE; CURE: CE or beta KL), as the collapse alarm compares them (runs
+logged before that alarm's definition record CURE's L_adv there), one panel row per learning rate, a thin line
 per seed and a thick one for their mean. A markdown table gives each run's lowest and final
 training accuracy (over a window of logged steps) and its clean and PGD-20 accuracy on the
 preset's test examples. Runs go --jobs at a time, as in tradeoff.py.
@@ -65,7 +66,7 @@ def training_curve(folder: Path) -> list[dict]:
 
 def describe(curve: list[dict]) -> dict:
     """Training accuracy at the first logged step, its lowest mean over WINDOW logged steps, and its
-    mean over the last WINDOW; the share of logged steps where the regulariser outweighed the main loss."""
+    mean over the last WINDOW; the share of logged steps where the regulariser outweighed the rest of the loss."""
     accuracy = [r["train/clean_acc"] for r in curve]
     means = [statistics.fmean(accuracy[i:i + WINDOW]) for i in range(max(1, len(accuracy) - WINDOW + 1))]
     outweighed = [r["train/regulariser"] > r["train/main_loss"] for r in curve if "train/regulariser" in r]
@@ -77,7 +78,7 @@ def plot(curves: dict, lrs: list[float], output: Path) -> None:
     from cure_hub.plots import _pyplot
 
     plt = _pyplot()
-    panels = (("train/clean_acc", "training accuracy"), ("train/main_loss", "main loss (TRADES CE, CURE L_adv)"),
+    panels = (("train/clean_acc", "training accuracy"), ("train/main_loss", "largest other term of the loss"),
               ("train/regulariser", "regulariser (β KL, γ L_CR)"))
     figure, axes = plt.subplots(len(lrs), len(panels), figsize=(4.2 * len(panels), 3.2 * len(lrs)), squeeze=False)
     for i, lr in enumerate(lrs):

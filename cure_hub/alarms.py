@@ -7,8 +7,9 @@
   in ``weights/best.safetensors`` either way, and ``--export-weights best`` exports them).
 * **Training collapse**, from the training metrics the trainer logs: the training batches'
   accuracy stays below ``drop`` times where the method started (its first batch, through the
-  starting weights) for ``patience`` logged steps in a row, while the method's regulariser (TRADES's and MART's beta-weighted KL, CURE's gamma L_CR)
-  outweighs its main loss (CE; CURE's L_adv). Adversarial training from a natural model loses
+  starting weights) for ``patience`` logged steps in a row, while the method's regulariser
+  (TRADES's and MART's beta-weighted KL, CURE's gamma L_CR) is the largest term of its loss
+  (``MAIN_LOSS`` is the largest of the others: CE; for CURE, CE or beta KL). Adversarial training from a natural model loses
   clean accuracy at first and wins part of it back; a run whose regulariser has taken over does
   not (CURE at the paper's fixed decay in a short run on a GPU: docs/cure.md, "A guard against
   collapse"). ``--stop-on-collapse`` ends the run, naming the likely cause and the fix.
@@ -61,9 +62,10 @@ def robust_overfitting(history: list[float], margin: float, patience: int) -> st
 
 def training_collapse(history: list[list[float]], drop: float, patience: int) -> str | None:
     """The alarm's message when training has collapsed. ``history`` holds ``[training accuracy,
-    main loss, regulariser]`` of the method's first step (the starting weights' accuracy), then of
+    largest other term of the loss, regulariser]`` of the method's first step (the starting weights' accuracy), then of
     each logged step: it fires when the accuracy of each of the last ``patience`` logged steps lies
-    below ``drop`` times the first, and the regulariser outweighs the main loss on their average."""
+    below ``drop`` times the first, and the regulariser outweighs every other term of the loss on
+    their average."""
     if len(history) < 1 + patience:
         return None
     start = history[0][0]
@@ -71,7 +73,7 @@ def training_collapse(history: list[list[float]], drop: float, patience: int) ->
     accuracy, main, regulariser = (sum(values) / patience for values in zip(*recent))
     if all(step[0] < drop * start for step in recent) and regulariser > main:
         return (f"{TRAINING_COLLAPSE}: training accuracy {accuracy:.4f} has stayed below {drop:g} x its start {start:.4f} "
-                f"for {patience} logged steps while the regulariser ({regulariser:.3g}) outweighs the main loss ({main:.3g})")
+                f"for {patience} logged steps while the regulariser ({regulariser:.3g}) outweighs every other term of the loss (at most {main:.3g})")
     return None
 
 

@@ -46,7 +46,7 @@ class TrainingState:
     num_processes: int = 1
     #: PGD accuracy of every evaluation of an adversarial method so far (the robust-overfitting alarm reads it).
     robust_history: list = dataclasses.field(default_factory=list)
-    #: [training accuracy, main loss, regulariser], averaged over the processes, of the method's first step and
+    #: [training accuracy, the loss's largest other term, regulariser], averaged over the processes, of the method's first step and
     #: of every logged step of a method with a regulariser (the training-collapse alarm reads it).
     training_history: list = dataclasses.field(default_factory=list)
     #: Every training-health alarm raised so far (cure_hub.alarms), and whether one ended the run.

@@ -424,7 +424,7 @@ class RunConfig:
     stop_on_collapse: bool = dataclasses.field(
         default=False, metadata={"help": "End the run, naming the likely cause and the fix, when the training-collapse "
                                          "alarm fires (training accuracy far below its start while the regulariser "
-                                         "outweighs the main loss); nothing is exported."})
+                                         "is the largest term of the loss); nothing is exported."})
     collapse_drop: float = dataclasses.field(
         default=0.5, metadata={"help": "Training-collapse alarm: the training accuracy stays below this fraction of "
                                        "where the method started."})

@@ -38,7 +38,7 @@ DOWN = [[0.25, 1.9, 2.4]] * 20
 def test_training_collapse_fires_when_accuracy_stays_down_while_the_regulariser_leads():
     fired = training_collapse(START + DOWN, drop=0.5, patience=20)
     assert fired == ("training collapse: training accuracy 0.2500 has stayed below 0.5 x its start 0.8800 for 20 logged "
-                     "steps while the regulariser (2.4) outweighs the main loss (1.9)")
+                     "steps while the regulariser (2.4) outweighs every other term of the loss (at most 1.9)")
     recovered = [[0.5, 1.5, 1.0]]  # above half of the start: TRADES's dip and recovery
     for calm in (START + DOWN[:19],  # not yet `patience` logged steps
                  START + DOWN[:10] + recovered + DOWN[:19],  # one step back up restarts the count

@@ -508,3 +508,23 @@ def test_cure_settings_and_their_values_reach_the_run_folder_and_the_card(tmp_pa
     card = (tmp_path / "run" / "export" / "README.md").read_text()
     assert ("d = 0.999, warm-up min(1 − 1/(t+2), d); RGP on the TRADES KL of x_adv, signed, mask scope official; revision "
             "model in train mode, buffers keep; settings: official (`--cure-settings`)") in card
+
+
+def test_the_loss_and_the_terms_the_collapse_alarm_compares():
+    """L = CE + beta KL + gamma L_CR; the alarm reads gamma L_CR against the larger of CE and beta KL."""
+    model = tiny_model(num_classes=3).train()
+    method = build_method(MethodConfig(method="cure", beta=5.0, gamma=2.0, use_rgp=False), AttackConfig(steps=1))
+    method.setup(model, total_steps=1)
+    with torch.no_grad():  # the revision model away from the model, so that L_CR is not zero
+        for param in method.revision_model.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    images, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % 3
+    method.generator = torch.Generator().manual_seed(0)
+    output = method.compute_loss(model, images, labels)
+    metrics = output.metrics
+    with torch.no_grad():  # train mode: the batch's own statistics, as in compute_loss
+        ce = torch.nn.functional.cross_entropy(model(images), labels).item()
+    assert output.loss.item() == pytest.approx(ce + 5.0 * metrics["kl"].item() + 2.0 * metrics["consistency"].item(), rel=1e-5)
+    assert metrics["regulariser"].item() == pytest.approx(2.0 * metrics["consistency"].item())
+    assert metrics["main_loss"].item() == pytest.approx(max(ce, 5.0 * metrics["kl"].item()), rel=1e-5)
+    assert metrics["consistency"].item() > 0.01

@@ -25,9 +25,10 @@ class StepOutput:
     metrics: dict[str, torch.Tensor]
 
 
-#: The metrics a method with a regulariser reports besides its loss: its main term and its
-#: regulariser as weighted in the loss (TRADES: CE and beta KL; CURE: L_adv and gamma L_CR). The
-#: collapse alarm (cure_hub.alarms) compares them.
+#: The metrics a method with a regulariser reports besides its loss, each as weighted in the loss:
+#: the largest of its other terms (TRADES: CE; MART: its boosted CE; CURE: CE or beta KL, whichever
+#: is larger), and the regulariser (TRADES, MART: beta KL; CURE: gamma L_CR). The collapse alarm
+#: (cure_hub.alarms) fires only while the regulariser is the largest term of the loss.
 MAIN_LOSS, REGULARISER = "main_loss", "regulariser"
 
 
@@ -60,7 +61,7 @@ class Method:
     #: Whether the method trains against attacks: the robust-overfitting alarm watches only these.
     adversarial: ClassVar[bool] = True
     #: The likely cause and fix named when the training-collapse alarm stops a run (cure_hub.alarms).
-    collapse_advice: ClassVar[str] = ("the regulariser has overwhelmed the main loss: lower --lr, or the regulariser's "
+    collapse_advice: ClassVar[str] = ("the regulariser has overwhelmed the rest of the loss: lower --lr, or the regulariser's "
                                       "weight (--beta)")
 
     def __init__(self, config: MethodConfig, attack: AttackConfig):

@@ -319,7 +319,7 @@ class CURE(Method):
         robust_kl = kl_divergence(logits, adv_logits)
         loss = natural_ce + config.beta * robust_kl  # Eq. 5
         metrics = {"clean_acc": accuracy(logits, labels), "adv_acc": accuracy(adv_logits, labels), "kl": robust_kl.detach(),
-                   MAIN_LOSS: loss.detach()}
+                   MAIN_LOSS: torch.maximum(natural_ce, config.beta * robust_kl).detach()}
         if self.revision_model is not None and config.gamma > 0:
             with record_function("cure.revision_forward"):
                 consistency = self.consistency_loss(images, adversarial, logits, adv_logits)
