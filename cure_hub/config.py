@@ -11,6 +11,8 @@ import types
 import typing
 from pathlib import Path
 
+import yaml
+
 from .run_folder import RunFolder
 
 #: The weights a training run writes (``RUN/weights/<name>.safetensors``), and what each is.
@@ -501,15 +503,27 @@ class TrainConfig:
         return cls.from_dict(merge_sections(read_recipe(path), overrides or {}))
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key or section given twice (YAML lets the second win silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            _check(key not in lines, f"{key!r} is given twice, on lines {lines.get(key)} and {key_node.start_mark.line + 1}; keep one")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_recipe(path: str | os.PathLike) -> dict:
     """The sections of a YAML recipe, as written (values are checked by :meth:`TrainConfig.from_dict`)."""
-    import yaml
-
     try:
         with open(path) as f:
-            sections = yaml.safe_load(f) or {}
+            sections = yaml.load(f, Loader=RecipeLoader) or {}
     except yaml.YAMLError as err:
         raise InputError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except InputError as err:
+        raise InputError(f"recipe {path}: {err}") from None
     _check(isinstance(sections, dict), f"recipe {path} must be a mapping of sections")
     for name, values in sections.items():
         _check(values is None or isinstance(values, dict), f"recipe {path}: section '{name}' must be a mapping of keys, got {values!r}")

@@ -23,6 +23,7 @@ run starts again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +31,8 @@ from pathlib import Path
 import torch
 import yaml
 from huggingface_hub import save_torch_state_dict
+
+logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 MODEL_SPEC = "model_spec.json"
@@ -135,8 +138,22 @@ class RunFolder:
         for log in (METRICS, LAYER_STATISTICS):
             path = self.path / log
             if path.is_file():
-                lines = [line for line in path.read_text().splitlines() if line.strip()]
+                lines = self._whole_lines(path)
                 write_atomically(path, "".join(line + "\n" for line in lines if kept(json.loads(line), log)))
+
+    @staticmethod
+    def _whole_lines(path: Path) -> list[str]:
+        """The lines of a log; a last line cut short (a full disk, a kill mid-write) is dropped, with a warning."""
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for number, line in enumerate(lines, 1):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(f"{path} line {number} is not a JSON record; the log is damaged") from None
+                logger.warning("%s: dropped its last line, cut short (%d characters; a full disk?)", path, len(line))
+                return lines[:-1]
+        return lines
 
     def save_weights(self, name: str, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
         """``weights/<name>.safetensors`` (and, given ``metadata``, ``weights/<name>.json``)."""

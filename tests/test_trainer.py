@@ -400,3 +400,14 @@ def test_training_evaluation_counts_an_example_robust_only_when_it_is_right_clea
     images = torch.randint(0, 256, (8, 3, 8, 8), generator=torch.Generator().manual_seed(0)) / 255
     trainer.eval_loader = [(images, torch.ones(8, dtype=torch.long))]
     assert trainer.evaluate() == {"eval/clean_acc": 0.0, "eval/pgd2_acc": 0.0}
+
+
+def test_a_recipe_key_or_section_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    """YAML lets the second of two keys win silently (epochs 1 -> 10, lr 0.05 -> 0.1)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim:\n  epochs: 1\n  lr: 0.05\n  lr: 0.1\n")
+    with pytest.raises(InputError, match=r"recipe .*recipe.yaml: 'lr' is given twice, on lines 3 and 4; keep one"):
+        TrainConfig.from_yaml(str(recipe))
+    recipe.write_text("optim:\n  epochs: 1\nmethod:\n  method: cure\noptim:\n  epochs: 10\n")
+    with pytest.raises(InputError, match="'optim' is given twice, on lines 1 and 5"):
+        TrainConfig.from_yaml(str(recipe))
