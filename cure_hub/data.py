@@ -189,6 +189,8 @@ class ImageClassificationData:
     class_names: list[str]
     image_size: int
     name: str
+    #: the split evaluated on (``held_out``: examples held out of the training split)
+    eval_split: str = "test"
     #: examples in the training split (``None``: a stream that does not declare its size)
     train_examples: int | None = None
     #: examples to a batch of tensors (default: :func:`collate`)
@@ -225,6 +227,7 @@ def load_data(config: DataConfig) -> ImageClassificationData:
         class_names=class_names,
         image_size=config.image_size or train[0]["image"].shape[-1],
         name=config.dataset,
+        eval_split=eval_name,
     )
 
 

@@ -198,7 +198,8 @@ def _eval_results_from_run(run: Path, weights: str, config: dict) -> dict:
     return {
         "model": str(run),
         "dataset": config["data"]["dataset"],
-        "split": config["data"]["eval_split"] or "test",
+        # The split the run evaluated on (held_out with --eval-split-fraction); runs before it was recorded: the config's.
+        "split": summary.get("eval_split") or config["data"]["eval_split"] or "test",
         "n_examples": summary.get("eval_examples"),
         "norm": config["attack"]["norm"],
         "epsilon": config["attack"]["epsilon"],

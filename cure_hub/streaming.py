@@ -77,7 +77,7 @@ def load_streamed_data(config: DataConfig, process_index: int = 0, num_processes
                 config.dataset, train_name, info.num_examples if info else "an unknown number of", train.num_shards,
                 config.shuffle_buffer, len(evaluation), eval_name)
     return ImageClassificationData(train=stream, eval=evaluation, class_names=class_names, image_size=image_size,
-                                   name=config.dataset, train_examples=info.num_examples if info else None,
+                                   name=config.dataset, eval_split=eval_name, train_examples=info.num_examples if info else None,
                                    train_collate=StreamCollate(to_tensors, len(class_names)))
 
 

@@ -186,7 +186,7 @@ class Trainer:
             model.to_channels_last()
         if config.optim.compile:
             compile_for_training(model, self.method)
-        self.augmentation = augmentation_for(config.data.augment, data.image_size)
+        self.augmentation, self.eval_split = augmentation_for(config.data.augment, data.image_size), data.eval_split
         eval_loader = DataLoader(data.eval, batch_size=config.optim.batch_size, collate_fn=collate, num_workers=config.run.num_workers)
         optimizer = build_optimizer(model, config.optim)
         accumulation = config.optim.gradient_accumulation_steps
@@ -376,7 +376,7 @@ class Trainer:
         """The step after the gradients of a batch (or of accumulated batches): the method's own
         parts around the optimiser's, the schedule, logs and a checkpoint when due."""
         state = self.state
-        logs_now = self._logs_at(state.step + 1)
+        logs_now = (state.step + 1) % self.config.run.log_every_steps == 0 or state.step + 1 == self.total_steps
         method.record_statistics = logs_now
         extra = method.before_optimizer_step(self.model)
         self.step_lr = self.scheduler.get_last_lr()[0]
@@ -457,14 +457,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.run_folder.append(METRICS, record)
             if progress is not None:
-                short = {k.split("/")[-1]: f"{v:.3g}" for k, v in values.items() if k.split("/")[-1] in ("loss", "clean_acc", "adv_acc")}
-                names = {*self._alarm_names, *(TRAINING_COLLAPSE for a in self.state.alarms if a.startswith(TRAINING_COLLAPSE))}
-                alarm = {"alarm": ",".join(sorted(names))} if names else {}
-                progress.set_postfix(**short, img_s=f"{images_per_second:.0f}", **alarm)
+                progress.set_postfix(**progress_postfix(values, images_per_second, self._alarm_names, self.state.alarms))
         self.accelerator.log(record, step=self.state.step)
-
-    def _logs_at(self, step: int) -> bool:
-        return step % self.config.run.log_every_steps == 0 or step == self.total_steps
 
     def _log_layer_statistics(self, method: Method) -> None:
         statistics = method.layer_statistics()
@@ -532,6 +526,7 @@ class Trainer:
             "train_seconds": self._train_seconds(),
             "hardware": describe_hardware(accelerator),
             "eval_examples": self.eval_examples,
+            "eval_split": self.eval_split,
             "git_commit": git_commit(),
         }
         if accelerator.is_main_process:
@@ -552,6 +547,14 @@ def export_and_push(run_folder: RunFolder, run) -> dict:
     pushed = push_to_hub(export, run.hub_model_id)
     logger.info("pushed %s to %s", export, run.hub_model_id)
     return {"export": str(export), "pushed": pushed}
+
+
+def progress_postfix(values: dict, images_per_second: float, evaluation_alarms: list[str], alarms: list[str]) -> dict:
+    """What the progress bar shows of a logged step: its loss and accuracies, the speed, and the alarms
+    of the last evaluation and a training collapse, once raised."""
+    short = {k.split("/")[-1]: f"{v:.3g}" for k, v in values.items() if k.split("/")[-1] in ("loss", "clean_acc", "adv_acc")}
+    names = {*evaluation_alarms, *(TRAINING_COLLAPSE for alarm in alarms if alarm.startswith(TRAINING_COLLAPSE))}
+    return {**short, "img_s": f"{images_per_second:.0f}", **({"alarm": ",".join(sorted(names))} if names else {})}
 
 
 def _in_main_thread() -> bool:

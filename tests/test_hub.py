@@ -397,3 +397,16 @@ def test_timm_export_keeps_every_build_argument_and_none_of_the_base_checkpoints
     assert config["model_args"]["drop_path_rate"] == 0.1 and "num_classes" not in config["model_args"]
     assert not {"license", "tag", "hf_hub_id"} & set(config["pretrained_cfg"])  # vit_tiny's are augreg's, Apache-2.0
     assert load_robust_model(tmp_path / "export").spec.model_args.items() >= model.spec.model_args.items()
+
+
+def test_the_card_names_the_split_a_run_held_out_for_its_evaluation(tmp_path):
+    """With --eval-split-fraction the run evaluates on examples held out of train: the card and its
+    model-index say so, not "test"."""
+    from test_trainer import tiny_config
+
+    config = tiny_config(tmp_path / "run", data={"dataset": "digits", "eval_split_fraction": 0.05, "eval_subset": 9},
+                         method={"method": "pgd_at"}, optim={"max_steps": 1})
+    Trainer(config).train()
+    card = (tmp_path / "run" / "export" / "README.md").read_text()
+    assert "Evaluated on 9 examples of the held_out split of digits" in card
+    assert "split: held_out" in card and "split: test" not in card
