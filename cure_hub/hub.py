@@ -25,6 +25,7 @@ from .config import WEIGHT_CHOICES
 from .evaluation import INTERVAL_METHOD, NORM_NAMES, wilson_interval
 from .models import ModelSpec, RobustClassifier, check_finite, from_transformers_pretrained, model_from_spec
 from .run_folder import RunFolder
+from .system import default_file_mode, process_umask
 
 
 def _read_json(path: Path) -> dict:
@@ -432,9 +433,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     summary = folder.read_summary()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its writer
+    staging.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 would make the export private to its writer
     try:
         save_pretrained(model, staging)
         (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
@@ -446,6 +445,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         (staging / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, config), indent=2))
         # The run's own export is called "export": the card takes the run's name instead.
         model_card(staging, repo_id, name=run.resolve().name if out.name == "export" else out.name).save(staging / "README.md")
+        for file in staging.iterdir():  # safetensors writes its files private (0o600): readable as every other file
+            file.chmod(default_file_mode())
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -32,6 +32,8 @@ import torch
 import yaml
 from huggingface_hub import save_torch_state_dict
 
+from .system import default_file_mode
+
 logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
@@ -164,6 +166,7 @@ class RunFolder:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         save_torch_state_dict(state, partial, filename_pattern=name + "{suffix}.safetensors", max_shard_size="100GB")
+        os.chmod(partial / f"{name}.safetensors", default_file_mode())  # safetensors writes it private (0o600)
         os.replace(partial / f"{name}.safetensors", self.weights_file(name))
         shutil.rmtree(partial, ignore_errors=True)
         if metadata is not None:

@@ -32,6 +32,19 @@ def keep_freed_heap_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def process_umask() -> int:
+    """This process's umask (read by setting it, so set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def default_file_mode() -> int:
+    """The mode this process gives a new file (0o644 under the usual umask 022). Writers that go
+    through a private temporary file (safetensors: 0o600) are given it back."""
+    return 0o666 & ~process_umask()
+
+
 def usable_cpu_cores() -> list[int]:
     """The CPU cores this process may run on: its affinity where the system reports one (a
     container's or ``taskset``'s share of the machine), else all of the machine's."""

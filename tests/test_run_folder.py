@@ -20,3 +20,11 @@ def test_a_log_line_cut_short_is_dropped_at_resume_with_a_warning(tmp_path, capl
     (tmp_path / METRICS).write_text('{"step": 2, "tr\n{"step": 4, "train/loss": 1.0}\n')
     with pytest.raises(ValueError, match="metrics.jsonl line 1 is not a JSON record"):
         folder.truncate_logs(4)
+
+
+def test_weights_and_exports_are_readable_as_every_other_file_of_a_run(natural_run):
+    """safetensors writes through a private temporary file (0o600): another user could not load a
+    shared run or export (docs/runs.md)."""
+    run = natural_run
+    modes = {path.relative_to(run): path.stat().st_mode & 0o777 for path in (*run.glob("weights/*"), *run.glob("export/*"))}
+    assert set(modes.values()) == {(run / "config.yaml").stat().st_mode & 0o777}, modes
