@@ -63,7 +63,9 @@ def add_config_arguments(parser: ArgumentParser) -> None:
             options = {"dest": f"{section.name}.{field.name}", "default": argparse.SUPPRESS}
             if kind is not bool:
                 options["metavar"] = field.name.upper()
-            help_text = f"{field.metadata.get('help', '')} (default: {default})".strip()
+            help_text = field.metadata.get("help", "")
+            if "default" not in help_text.lower():  # a help that gives its own default (by method, by split) keeps it alone
+                help_text = f"{help_text} (default: {default})".strip()
             if kind is bool:
                 options["action"] = argparse.BooleanOptionalAction
             elif kind is dict:

@@ -411,3 +411,12 @@ def test_a_recipe_key_or_section_given_twice_is_refused_naming_it_and_its_lines(
     recipe.write_text("optim:\n  epochs: 1\nmethod:\n  method: cure\noptim:\n  epochs: 10\n")
     with pytest.raises(InputError, match="'optim' is given twice, on lines 1 and 5"):
         TrainConfig.from_yaml(str(recipe))
+
+
+def test_help_gives_each_flag_one_default(capsys):
+    """--beta's default depends on the method; --help said "(default 6, 6 and 1). (default: 1.0)"."""
+    with pytest.raises(SystemExit):
+        parse_train_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "KL weight of TRADES, MART and CURE (default 6, 6 and 1). --percentile" in text
+    assert "Training epochs. (default: 10)" in text
