@@ -38,23 +38,25 @@ ROWS = ("trades", "cure (paper's r, d)", "cure (paper's r, d, warm-up)")
 WINDOW = 5
 
 
-def folder_of(out: Path, key: tuple) -> Path:
-    """The folder of the run ``(row, lr, seed)``."""
+def folder_of(out: Path, key: tuple, lr_schedule: str = "cosine") -> Path:
+    """The folder of the run ``(row, lr, seed)``; runs of another schedule than the preset's cosine
+    have their own (the natural start is shared)."""
     name, lr, seed = key
     if name == "natural":
         return out / f"seed{seed}" / "natural"
-    return out / f"seed{seed}" / f"lr{lr:g}" / "".join(c for c in name.replace(" ", "_") if c.isalnum() or c in "_-.")
+    schedule = "" if lr_schedule == "cosine" else f"-{lr_schedule}"
+    return out / f"seed{seed}" / f"lr{lr:g}{schedule}" / "".join(c for c in name.replace(" ", "_") if c.isalnum() or c in "_-.")
 
 
 def run(preset, dataset: str, folder: Path, method: dict | None, lr: float, epochs: int, seed: int, natural: Path,
-        log_every_steps: int) -> dict:
+        log_every_steps: int, lr_schedule: str = "cosine") -> dict:
     """One run, trained and evaluated: the natural start (``method`` None) or a fine-tuning from it."""
     if method is None:
         seconds = train(preset, dataset, folder, {"method": "standard"}, preset.natural_epochs, preset.natural_lr, seed,
                         reuse=True)
     else:
         seconds = train(preset, dataset, folder, method, epochs, lr, seed, init_from=str(natural), reuse=True,
-                        log_every_steps=log_every_steps)
+                        log_every_steps=log_every_steps, lr_schedule=lr_schedule)
     return {"train_seconds": seconds, "eval": evaluate(folder, dataset, preset, "cpu")}
 
 
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=4, help="Fine-tuning epochs (the GPU run that collapsed: 4).")
     parser.add_argument("--eval-examples", type=int, default=500)
     parser.add_argument("--log-every-steps", type=int, default=2)
+    parser.add_argument("--lr-schedule", default="cosine", choices=("cosine", "piecewise", "constant"),
+                        help="The fine-tuning schedule: the preset's cosine, or the paper recipes' piecewise (the lr "
+                             "held for the first half of the run, then divided by 10 at 50 %% and again at 75 %%).")
     parser.add_argument("--jobs", type=int, default=len(usable_cpu_cores()))
     args = parser.parse_args(argv)
     seeds, lrs = [int(s) for s in args.seeds.split(",")], [float(v) for v in args.lrs.split(",")]
@@ -140,11 +145,11 @@ def main(argv=None) -> int:
                     natural = folder_of(out, key)
                     for lr in lrs:
                         for row, method in rows.items():
-                            folder = folder_of(out, (row, lr, seed))
+                            folder = folder_of(out, (row, lr, seed), args.lr_schedule)
                             future = pool.submit(run, preset, args.dataset, folder, method, lr, args.epochs, seed, natural,
-                                                 args.log_every_steps)
+                                                 args.log_every_steps, args.lr_schedule)
                             pending[future] = (row, lr, seed)
-    curves = {key: training_curve(folder_of(out, key)) for key in results if key[0] != "natural"}
+    curves = {key: training_curve(folder_of(out, key, args.lr_schedule)) for key in results if key[0] != "natural"}
     lines = ["| lr | run | seed | first train acc | lowest | final | regulariser > main (share of logged steps) | Nat | PGD-20 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (name, lr, seed), curve in sorted(curves.items(), key=lambda item: (-item[0][1], ROWS.index(item[0][0]), item[0][2])):
@@ -156,14 +161,15 @@ def main(argv=None) -> int:
         accuracy = results["natural", None, seed]["eval"]["accuracy"]
         lines.append(f"| — | natural (start) | {seed} | | | | | {100 * accuracy['clean']:.1f} | {100 * accuracy['pgd20']:.1f} |")
     table = "\n".join(lines)
-    note = (f"Preset {args.preset} natural start, {args.epochs} epochs of fine-tuning at lr {args.lrs} (cosine), logged every "
+    note = (f"Preset {args.preset} natural start, {args.epochs} epochs of fine-tuning at lr {args.lrs} ({args.lr_schedule}), logged every "
             f"{args.log_every_steps} steps; training accuracy on the training batches, 'lowest' and 'final' over {WINDOW} logged "
             f"steps; Nat and PGD-20 on {args.eval_examples} class-balanced test examples. {(time.perf_counter() - started) / 60:.1f} "
             f"min, {args.jobs} job(s) of one thread.")
     print(table + "\n\n" + note)
-    plot(curves, lrs, out / "collapse.png")
-    (out / "collapse.md").write_text(table + "\n\n" + note + "\n")
-    (out / "collapse.json").write_text(json.dumps({"args": vars(args), "results": {repr(k): v for k, v in results.items()},
+    stem = "collapse" if args.lr_schedule == "cosine" else f"collapse-{args.lr_schedule}"
+    plot(curves, lrs, out / f"{stem}.png")
+    (out / f"{stem}.md").write_text(table + "\n\n" + note + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "results": {repr(k): v for k, v in results.items()},
                                                    "curves": {repr(k): v for k, v in curves.items()}}, indent=1))
     return 0
 

@@ -49,10 +49,12 @@ def import_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
                 low[module] = min(low[module], index[target])
         if low[module] == index[module]:
             group = set()
-            while not group or member != module:
+            while True:
                 member = stack.pop()
                 on_stack.discard(member)
                 group.add(member)
+                if member == module:
+                    break
             if len(group) > 1:
                 groups.append(group)
 

@@ -151,7 +151,7 @@ def grid_rows(preset: Preset, grid: str) -> dict[str, dict]:
 
 
 def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int, lr: float, seed: int, init_from=None,
-          reuse: bool = False, log_every_steps: int = 50) -> float:
+          reuse: bool = False, log_every_steps: int = 50, lr_schedule: str = "cosine") -> float:
     """Trains one row's model into ``output`` and returns the seconds it took. With ``reuse``, a
     finished run already there with the same configuration is kept (its recorded time returned)."""
     config = TrainConfig.from_dict({
@@ -160,7 +160,9 @@ def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int,
                  "augment": preset.augment},
         "method": method,
         "attack": {"steps": preset.attack_steps},
-        "optim": {"epochs": epochs, "batch_size": preset.batch_size, "lr": lr, "lr_schedule": "cosine",
+        "optim": {"epochs": epochs, "batch_size": preset.batch_size, "lr": lr, "lr_schedule": lr_schedule,
+                  # the paper recipes' milestones (docs/cure.md), where the schedule has them
+                  **({"lr_milestones": [0.5, 0.75]} if lr_schedule == "piecewise" else {}),
                   "weight_decay": preset.weight_decay, "seed": seed, "mixed_precision": preset.mixed_precision,
                   "channels_last": preset.channels_last},
         "run": {"output_dir": str(output), "overwrite_output_dir": True, "eval_every_epochs": max(epochs, 1),

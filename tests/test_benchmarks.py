@@ -86,3 +86,24 @@ def test_methods_name_rows_whose_names_hold_commas():
     assert list(select_rows(rows, "cure (paper's r, d),pgd_at")) == ["pgd_at", "cure (paper's r, d)"]
     with pytest.raises(SystemExit, match=r"no row named .cure \(paper's r\)."):
         select_rows(rows, "pgd_at,cure (paper's r)")
+
+
+@pytest.mark.slow
+def test_collapse_benchmark_smoke(tmp_path):
+    """benchmarks/collapse.py on the smoke preset: TRADES and CURE at the paper's r, d with and
+    without the warm-up, their training curves plotted and summarised, the start shared by a second
+    schedule."""
+    command = [sys.executable, str(REPO / "benchmarks" / "collapse.py"), "--preset", "smoke", "--dataset", "digits",
+               "--seeds", "0", "--epochs", "1", "--lrs", "0.1", "--eval-examples", "20", "--jobs", "1",
+               "--output-dir", str(tmp_path)]
+    for schedule in ("cosine", "piecewise"):
+        done = subprocess.run([*command, "--lr-schedule", schedule], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "collapse.md").read_text()
+    for row in ("| 0.1 | trades | 0 |", "| 0.1 | cure (paper's r, d) | 0 |", "| 0.1 | cure (paper's r, d, warm-up) | 0 |"):
+        assert row in table
+    assert (tmp_path / "collapse.png").stat().st_size > 1000 and (tmp_path / "collapse-piecewise.md").is_file()
+    assert "kept the finished run" in done.stdout  # the natural start, trained once
+    runs = json.loads((tmp_path / "collapse-piecewise.json").read_text())["curves"]
+    assert all(len(curve) == 5 for curve in runs.values())  # 10 steps logged every 2
