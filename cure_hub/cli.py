@@ -13,6 +13,7 @@ from pathlib import Path
 from .arguments import ArgumentParser, key_value, number
 from .config import BATCH_NORM_BATCHES, WEIGHT_CHOICES
 from .console import exit_code_of, setup_logging
+from .evaluation import ATTACKS
 from .run_folder import RunFolder
 
 
@@ -60,7 +61,7 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
     from .config import DataConfig, InputError
     from .corruptions import CorruptedCopy, GeneratedCorruptions, parse_corruptions, parse_severities
     from .data import collate, load_eval_split
-    from .evaluation import ATTACKS, EvaluationSuite, check_model_fits_data
+    from .evaluation import EvaluationSuite, check_model_fits_data
     from .hub import load_robust_model
     from .models import create_model
     from .plots import write_plots
@@ -247,8 +248,7 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--crop-pct", type=float,
                           help="Centre crop of images larger than the image size (timm's crop_pct; default: the model's own, "
                                "recorded by its training run or timm config; 1.0 for --checkpoint).")
-    evaluate.add_argument("--attacks", default="clean,pgd20,pgd100,cw", help="Comma-separated: " + ", ".join(
-        ["clean", "pgd20", "pgd100", "cw", "apgd-ce", "aa", "aa-rand"]) + ".")
+    evaluate.add_argument("--attacks", default="clean,pgd20,pgd100,cw", help="Comma-separated: " + ", ".join(ATTACKS) + ".")
     evaluate.add_argument("--epsilon", type=_epsilon, default=8 / 255, help="Radius, e.g. 8/255 (default) or 0.5.")
     evaluate.add_argument("--norm", default="linf", choices=("linf", "l2"))
     evaluate.add_argument("--eps-sweep", action="store_true", help="PGD-20 accuracy at eps 0.25 ... 8/255.")

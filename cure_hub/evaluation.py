@@ -46,10 +46,16 @@ EPS_SWEEP = (0.25, 0.5, 1, 2, 4, 8)
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
-    """One named evaluation attack: a PGD variant or an AutoAttack version."""
+    """One named evaluation attack: a PGD variant or an AutoAttack version. Everything that names
+    or ranks attacks (the evaluation, the model card, the dial's NRR, the command line's help)
+    reads this entry: a new attack is one entry of :data:`ATTACKS`."""
 
     name: str
     description: str
+    #: how cards and tables name it
+    title: str
+    #: how strong it is among the attacks (0: no attack): the dial's NRR uses the strongest evaluated
+    strength: int
     pgd_loss: str | None = None
     pgd_steps: int = 0
     autoattack_version: str | None = None
@@ -59,15 +65,24 @@ class AttackSpec:
 ATTACKS = {
     spec.name: spec
     for spec in (
-        AttackSpec("clean", "no attack"),
-        AttackSpec("pgd20", "PGD-20 on cross-entropy, uniform start, step eps/4", "ce", 20),
-        AttackSpec("pgd100", "PGD-100 on cross-entropy, uniform start, step eps/4", "ce", 100),
-        AttackSpec("cw", "PGD-30 on the Carlini-Wagner margin (CW-inf), uniform start, step eps/4", "cw", 30),
-        AttackSpec("apgd-ce", "AutoAttack's APGD-CE alone", autoattack_version="custom", autoattack_attacks=("apgd-ce",)),
-        AttackSpec("aa", "AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square)", autoattack_version="standard"),
-        AttackSpec("aa-rand", "AutoAttack, rand version (for randomised defences)", autoattack_version="rand"),
+        AttackSpec("clean", "no attack", "Clean", 0),
+        AttackSpec("pgd20", "PGD-20 on cross-entropy, uniform start, step eps/4", "PGD-20", 1, "ce", 20),
+        AttackSpec("pgd100", "PGD-100 on cross-entropy, uniform start, step eps/4", "PGD-100", 2, "ce", 100),
+        AttackSpec("cw", "PGD-30 on the Carlini-Wagner margin (CW-inf), uniform start, step eps/4", "C&W (CW-inf)", 4, "cw", 30),
+        AttackSpec("apgd-ce", "AutoAttack's APGD-CE alone", "APGD-CE", 3, autoattack_version="custom",
+                   autoattack_attacks=("apgd-ce",)),
+        AttackSpec("aa", "AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square)", "AutoAttack", 6,
+                   autoattack_version="standard"),
+        AttackSpec("aa-rand", "AutoAttack, rand version (for randomised defences)", "AutoAttack (rand)", 5,
+                   autoattack_version="rand"),
     )
 }
+
+
+def strongest_attack(names) -> str | None:
+    """The strongest attack among ``names`` (none if they hold no attack but clean)."""
+    attacks = [ATTACKS[name] for name in names if name in ATTACKS and ATTACKS[name].strength]
+    return max(attacks, key=lambda spec: spec.strength).name if attacks else None
 
 
 def natural_robustness_ratio(natural: float, robust: float) -> float:

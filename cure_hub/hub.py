@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from .config import WEIGHT_CHOICES
-from .evaluation import INTERVAL_METHOD, NORM_NAMES, wilson_interval
+from .evaluation import ATTACKS, INTERVAL_METHOD, NORM_NAMES, wilson_interval
 from .models import ModelSpec, RobustClassifier, check_finite, from_transformers_pretrained, model_from_spec
 from .run_folder import RunFolder
 from .system import default_file_mode, process_umask
@@ -114,8 +114,7 @@ def _load_export(location: str, config: dict, local: bool, revision: str | None,
 # --------------------------------------------------------------------------------------------
 # Export
 
-ATTACK_NAMES = {"clean": "Clean", "pgd20": "PGD-20", "pgd100": "PGD-100", "cw": "C&W (CW-inf)",
-                "aa": "AutoAttack", "aa-rand": "AutoAttack (rand)", "apgd-ce": "APGD-CE"}
+ATTACK_NAMES = {name: spec.title for name, spec in ATTACKS.items()}
 
 
 class ExportError(RuntimeError):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import BATCH_NORM_BATCHES, InputError
+from .evaluation import evaluate_robustness, natural_robustness_ratio, strongest_attack
 from .run_folder import RunFolder
 
 
@@ -103,8 +104,6 @@ def training_batches(run_dir: str | Path, batch_size: int = 128):
     return DataLoader(data.train, batch_size=batch_size, collate_fn=data.train_collate)
 
 
-#: The attack whose accuracy the NRR of a curve uses: the strongest one evaluated.
-NRR_ATTACK_PREFERENCE = ("aa", "aa-rand", "cw", "apgd-ce", "pgd100", "pgd20")
 TRADEOFF_FILE = "tradeoff.json"
 
 
@@ -116,11 +115,9 @@ def tradeoff_curve(run_dir: str | Path, weights: str, points: int, eval_batches,
     examples (``eval_batches``, a re-iterable of ``(images, labels)``), and the λ of the best NRR."""
     from tqdm.auto import tqdm
 
-    from .evaluation import evaluate_robustness, natural_robustness_ratio
-
     if points < 2:
         raise InputError(f"--points must be at least 2 (the two end points), got {points}")
-    robust = next((a for a in NRR_ATTACK_PREFERENCE if a in attacks), None)
+    robust = strongest_attack(attacks)  # the attack whose accuracy the curve's NRR uses
     if robust is None:
         raise InputError(f"the curve needs a robust attack besides clean (e.g. pgd20); got {attacks}")
     bn_loader = None

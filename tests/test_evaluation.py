@@ -240,3 +240,13 @@ def test_corruption_mistakes_are_one_line_errors(natural_run, corrupted_digits, 
     np.save(shuffled / "labels.npy", np.roll(labels, 1))
     assert main(base + ["--corruptions", "fog", "--corruptions-dataset", str(shuffled)]) == 2
     assert "it is not the corrupted copy of this split" in capsys.readouterr().err
+
+
+def test_every_attack_is_one_entry_that_cards_and_the_dial_read():
+    from cure_hub.evaluation import ATTACKS, strongest_attack
+    from cure_hub.hub import ATTACK_NAMES
+
+    assert strongest_attack(["clean", "pgd20", "cw", "pgd100"]) == "cw"
+    assert strongest_attack(["pgd20", "aa", "aa-rand"]) == "aa" and strongest_attack(["clean"]) is None
+    assert ATTACK_NAMES == {name: spec.title for name, spec in ATTACKS.items()} and ATTACK_NAMES["cw"] == "C&W (CW-inf)"
+    assert len({spec.strength for spec in ATTACKS.values()}) == len(ATTACKS)  # a strict order for the NRR
