@@ -72,6 +72,8 @@ def check_output_folder(config: TrainConfig) -> bool:
     """A resumed run continues its own trajectory in its own folder; a new run does not write over
     another unless told to. Returns whether the earlier run's outputs are to be cleared."""
     run = config.run
+    if file := next((p for p in (Path(run.output_dir), *Path(run.output_dir).parents) if p.is_file()), None):
+        raise InputError(f"output_dir {run.output_dir!r} lies under {str(file)!r}, which is a file: choose another --output-dir")
     if run.resume_from:
         folder = run_folder_of(run.resume_from)
         check_resume_changes(TrainConfig.from_yaml(str(RunFolder(folder).config_file)), config, folder)

@@ -137,3 +137,12 @@ def test_the_cure_stage_of_a_paper_recipe_says_to_train_its_natural_stage_first(
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "'runs/natural-cifar10_resnet18'" in result.stderr and "train that run first" in result.stderr
     assert "recipes/natural_<setting>.yaml" in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_an_output_dir_under_a_file_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file")
+    code = cli_main(["train", "--model", "cifar_resnet18", "--dataset", "digits", "--max-steps", "1",
+                     "--output-dir", str(tmp_path / "notes.txt" / "run")])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert f"output_dir '{tmp_path / 'notes.txt' / 'run'}' lies under '{tmp_path / 'notes.txt'}', which is a file" in error
