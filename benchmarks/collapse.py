@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tradeoff import PRESETS, _start_worker, evaluate, runs_for, train  # noqa: E402
+from tradeoff import PRESETS, evaluate, runs_for, train, worker_pool  # noqa: E402
 
 from cure_hub.system import usable_cpu_cores  # noqa: E402
 
@@ -125,12 +124,7 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started, results, pending = time.perf_counter(), {}, {}
-    context = multiprocessing.get_context("spawn")
-    cores = usable_cpu_cores()
-    core_sets = context.Queue()
-    for index in range(args.jobs):
-        core_sets.put(cores[index::args.jobs] if args.jobs <= len(cores) else [])
-    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_start_worker, initargs=(core_sets, 1)) as pool:
+    with worker_pool(args.jobs, 1) as pool:
         for seed in seeds:
             natural = folder_of(out, ("natural", None, seed))
             pending[pool.submit(run, preset, args.dataset, natural, None, 0.0, 0, seed, natural, 0)] = ("natural", None, seed)

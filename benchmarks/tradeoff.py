@@ -405,13 +405,8 @@ def run_jobs(preset: Preset, args, chosen: dict[str, dict], seeds: list[int], ou
     rows, and the interpolation curve of the first seed's cure run. Returns the runs by
     ``(row, seed)``, and the curve. A run's numbers depend on its thread count (float summation
     order), not on how many run beside it."""
-    context = multiprocessing.get_context("spawn")
-    cores = usable_cpu_cores() if hasattr(os, "sched_setaffinity") else []  # pinning needs the call
-    core_sets = context.Queue()
-    for index in range(jobs):  # disjoint cores for each worker where there are enough
-        core_sets.put(cores[index::jobs] if jobs <= len(cores) else [])
     runs, curve, pending = {}, None, {}
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(core_sets, threads)) as pool:
+    with worker_pool(jobs, threads) as pool:
 
         def submit(name: str, seed: int, method: dict | None, folder: Path, natural: Path) -> None:
             future = pool.submit(train_and_evaluate, preset, args.dataset, folder, method, seed, natural, args.reuse_runs,
@@ -439,6 +434,17 @@ def run_jobs(preset: Preset, args, chosen: dict[str, dict], seeds: list[int], ou
                     future = pool.submit(interpolation_curve, folder, args.dataset, preset, args.curve_points, args.device)
                     pending[future] = ("curve", seed, folder)
     return runs, curve
+
+
+def worker_pool(jobs: int, threads: int) -> ProcessPoolExecutor:
+    """``jobs`` worker processes of ``threads`` threads each, pinned to disjoint cores where there
+    are enough (and the system can pin)."""
+    context = multiprocessing.get_context("spawn")
+    cores = usable_cpu_cores() if hasattr(os, "sched_setaffinity") else []  # pinning needs the call
+    core_sets = context.Queue()
+    for index in range(jobs):
+        core_sets.put(cores[index::jobs] if jobs <= len(cores) else [])
+    return ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(core_sets, threads))
 
 
 def _start_worker(core_sets, threads: int) -> None:

@@ -191,10 +191,11 @@ def _package_versions() -> dict[str, str]:
 
 def _eval_results_from_run(run: Path, weights: str, config: dict) -> dict:
     """The run's own evaluation of these weights, in the shape of ``cure-hub eval``'s results."""
-    metadata = RunFolder(run).weights_metadata(weights)
+    folder = RunFolder(run)
+    metadata = folder.weights_metadata(weights)
     accuracy = {("clean" if k == "eval/clean_acc" else k.removeprefix("eval/").removesuffix("_acc")): v
                 for k, v in metadata.items() if k.startswith("eval/")}
-    summary = RunFolder(run).read_summary()
+    summary = folder.read_summary()
     return {
         "model": str(run),
         "dataset": config["data"]["dataset"],

@@ -49,12 +49,11 @@ def check_before_loading(config: TrainConfig, accelerator: Accelerator) -> bool:
     """The checks that need neither data nor model, fastest first. Returns whether an earlier run's
     outputs are to be cleared from the output folder (``--overwrite-output-dir``)."""
     clear = check_output_folder(config)
-    method = METHOD_CLASSES[config.method.method]
     if config.run.push_to_hub and accelerator.is_main_process:  # before hours of training, not after
         from .hub import check_push_access
 
         check_push_access(config.run.hub_model_id)
-    method.check_engine(accelerator.distributed_type)
+    check_engine_supports(config.method.method, accelerator.distributed_type)
     return clear
 
 
