@@ -121,6 +121,10 @@ def runs_for(preset: Preset) -> dict[str, dict]:
         "cure (revision in train mode)": {**cure, "revision_mode": "train"},
         # The paper's r and d with the official code's decay warm-up, min(1 - 1/(t + 2), d) (docs/cure.md).
         "cure (paper's r, d, warm-up)": {**cure, "revision_rate": 0.2, "revision_decay": 0.999, "revision_warmup": True},
+        # The two references of --cure-settings, on the row's p, alpha, gamma, r and d: every switch of the
+        # official code, and every literal reading of the paper (its beta, 1, included).
+        "cure (official)": {**cure, "cure_settings": "official"},
+        "cure (paper)": {**{key: value for key, value in cure.items() if key != "beta"}, "cure_settings": "paper"},
     }
 
 

@@ -14,8 +14,11 @@
     checkpoints/step_XXXXXXX/      full training state (cure_hub.checkpoints)
     summary.json             steps, wall time, hardware, final and best evaluation
     export/                  the Hub-ready export of the run (cure_hub.hub)
+    .lock                    held by the process writing the run (its PID inside)
 
-Whole files are written under a temporary name and renamed into place, so a killed run never
+A run folder has one writer at a time: training holds an OS lock on ``.lock`` (``flock``), which
+the operating system drops when the process ends, so a killed run never leaves a stale lock; a
+second writer is refused, naming the first one's PID. Whole files are written under a temporary name and renamed into place, so a killed run never
 leaves a half-written one looking whole; what a killed run left half-written is removed when the
 run starts again.
 """
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -33,6 +37,11 @@ import yaml
 from huggingface_hub import save_torch_state_dict
 
 from .system import default_file_mode
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +53,22 @@ SUMMARY = "summary.json"
 WEIGHTS = "weights"
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
+LOCK = ".lock"
 #: What a run folder holds besides its configuration: removed by --overwrite-output-dir.
 RUN_OUTPUTS = (CHECKPOINTS, WEIGHTS, EXPORT, METRICS, LAYER_STATISTICS, SUMMARY)
 
 
+class RunFolderInUseError(FileExistsError):
+    """Another process is writing the run folder."""
+
+
 class RunFolder:
-    """Reads and writes one run folder. Only the main process writes; callers see to that."""
+    """Reads and writes one run folder. Only the main process writes; callers see to that, and
+    hold the folder (:meth:`claim`) while they write."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._lock = None
 
     @property
     def checkpoints(self) -> Path:
@@ -104,6 +120,37 @@ class RunFolder:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     # ---- writing ---------------------------------------------------------------------------------
+
+    def claim(self) -> None:
+        """Become the folder's one writer until :meth:`release` or the end of the process; refused
+        (:class:`RunFolderInUseError`, naming its PID) while another process holds it. Where the
+        operating system has no ``flock`` (Windows) nothing is held."""
+        if self._lock is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = open(self.path / LOCK, "a+")
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "a process that has not written its PID yet"
+                lock.close()
+                raise RunFolderInUseError(
+                    f"{self.path} is being written by another run ({holder}); wait for it to end, or choose another "
+                    "--output-dir (to branch a run, copy its folder once it has stopped)") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        """Stop being the folder's writer (the lock file stays: removing it would let two writers
+        lock two different files)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def clear_outputs(self) -> None:
         """Remove an earlier run's outputs, and nothing else in the folder (--overwrite-output-dir)."""

@@ -165,7 +165,10 @@ class Trainer:
     def _prepare(self):
         self.config = config = resolve_preprocessing(self.config)
         accelerator = self.accelerator
-        if check_before_loading(config, accelerator):  # an earlier run's outputs, and nothing else in the folder
+        clear = check_before_loading(config, accelerator)
+        if accelerator.is_main_process:  # before anything is written or removed: one writer per run folder
+            self.run_folder.claim()
+        if clear:  # an earlier run's outputs, and nothing else in the folder
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 self.run_folder.clear_outputs()
@@ -294,13 +297,21 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> dict:
+        """Trains to the last step, a stop signal or an alarm that stops the run; the run's summary."""
+        try:
+            return self._train()
+        finally:  # refused, failed or done: the folder is free for its next writer
+            self.run_folder.release()
+
+    def _train(self) -> dict:
         self._prepare()
         self._segment_started = time.perf_counter()
         self._seconds_before_segment = 0.0
         if self.config.run.resume_from:
             self._resume()
             self._seconds_before_segment = self.state.train_seconds
-        self._write_run_description()
+        if self.accelerator.is_main_process:  # once the run is sure to start: a refused resume changes nothing
+            self.run_folder.write_description(self.config.to_dict(), unwrap(self.model).spec.to_dict())
         accelerator, state = self.accelerator, self.state
         previous_handlers = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if _in_main_thread() else {}
         progress = tqdm(total=self.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
@@ -393,7 +404,8 @@ class Trainer:
             collapse = self._watch_collapse(output.metrics)
             self._log({**output.metrics, **extra, **({"health/alarms": collapse} if collapse else {})},
                       images_per_second=rate, progress=progress)
-            self._log_layer_statistics(method)
+            if (statistics := method.layer_statistics()) and self.accelerator.is_main_process:
+                self.run_folder.append(LAYER_STATISTICS, {"step": state.step, "layers": statistics})
             if collapse and self.config.run.stop_on_collapse:
                 checkpoint = self.save_checkpoint()
                 raise TrainingCollapsedError(
@@ -401,11 +413,6 @@ class Trainer:
                     f"exported; the run's state is in {checkpoint}")
         if self.config.run.checkpoint_every_steps and state.step % self.config.run.checkpoint_every_steps == 0:
             self.save_checkpoint()
-
-    def _write_run_description(self) -> None:
-        """config.yaml and model_spec.json, once the run is sure to start (a refused resume changes nothing)."""
-        if self.accelerator.is_main_process:
-            self.run_folder.write_description(self.config.to_dict(), unwrap(self.model).spec.to_dict())
 
     def _epoch_end_evaluation_due(self) -> bool:
         state = self.state
@@ -459,11 +466,6 @@ class Trainer:
             if progress is not None:
                 progress.set_postfix(**progress_postfix(values, images_per_second, self._alarm_names, self.state.alarms))
         self.accelerator.log(record, step=self.state.step)
-
-    def _log_layer_statistics(self, method: Method) -> None:
-        statistics = method.layer_statistics()
-        if statistics and self.accelerator.is_main_process:
-            self.run_folder.append(LAYER_STATISTICS, {"step": self.state.step, "layers": statistics})
 
     def _watch_collapse(self, metrics: dict) -> str | None:
         """The training-collapse alarm with this step's metrics (cure_hub.alarms), the first time it

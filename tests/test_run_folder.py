@@ -1,6 +1,13 @@
 """The run folder, its one owner: what a full disk or a kill leaves in it is handled where it is read."""
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +35,36 @@ def test_weights_and_exports_are_readable_as_every_other_file_of_a_run(natural_r
     run = natural_run
     modes = {path.relative_to(run): path.stat().st_mode & 0o777 for path in (*run.glob("weights/*"), *run.glob("export/*"))}
     assert set(modes.values()) == {(run / "config.yaml").stat().st_mode & 0o777}, modes
+
+
+def test_a_run_folder_has_one_writer_and_a_killed_one_leaves_no_lock(tmp_path):
+    """Two runs into one folder used to both exit 0, the second's files over the first's and their
+    logs interleaved. While a run trains, a second run (--overwrite-output-dir, or --resume-from)
+    is refused in one line naming the first's PID; once the first is killed (-9), the folder is free."""
+    train = str(Path(__file__).resolve().parents[1] / "cure_hub" / "train.py")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    output = tmp_path / "run"
+    flags = ["--model", "cifar_resnet18", "--model-kwargs", "width=4", "--dataset", "digits", "--train-subset", "64",
+             "--eval-subset", "10", "--batch-size", "16", "--steps", "1", "--eval-attack-steps", "1", "--method", "trades",
+             "--output-dir", str(output)]
+    first = subprocess.Popen([sys.executable, train, *flags, "--epochs", "1000", "--seed", "3"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (output / METRICS).exists():
+            time.sleep(0.1)
+        assert first.poll() is None and (output / METRICS).exists()
+        for second in ([*flags, "--epochs", "1", "--seed", "4", "--overwrite-output-dir"], ["--resume-from", str(output)]):
+            refused = subprocess.run([sys.executable, train, *second], env=env, capture_output=True, text=True, timeout=120)
+            assert refused.returncode == 2, refused.stderr[-2000:]
+            assert refused.stderr.strip().splitlines()[-1].startswith(
+                f"train.py: error: {output} is being written by another run (PID {first.pid} on "), refused.stderr[-2000:]
+        assert first.poll() is None and (output / METRICS).exists()
+        assert "seed: 3" in (output / "config.yaml").read_text()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    folder = RunFolder(output)
+    folder.claim()  # the lock died with its process
+    folder.release()
+    assert all(json.loads(line)["step"] for line in (output / METRICS).read_text().splitlines())
