@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .config import DataConfig, InputError
 
@@ -46,7 +47,6 @@ class ColumnDetectionError(InputError):
 
 def _load_sklearn_digits():
     import datasets
-    from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -331,6 +331,26 @@ def _check_one_image_size(dataset, split: str, sample: int = 32) -> None:
         raise InputError(f"the {split} split has images of different sizes {sorted(sizes)[:3]}: set --image-size to resize them")
 
 
+#: Integer modes of more than 8 bits (16-bit PNGs open as "I;16", or as "I" in older Pillow): PIL's
+#: own conversion to RGB clips them at 255, which leaves most such images blank.
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB: 16-bit grey levels scaled to 8 bits (x / 257, rounded) rather than
+    clipped; an image whose values fit no 8- or 16-bit range (floats, 32-bit integers) is refused."""
+    if img.mode in _HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(img, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise InputError(f"an image of mode {img.mode!r} holds values in [{values.min()}, {values.max()}], outside "
+                             "16 bits: convert the dataset's images to 8 or 16 bits per channel")
+        img = Image.fromarray(np.rint(values / 257).astype(np.uint8))  # grey levels ("L")
+    elif img.mode == "F":
+        raise InputError("an image of mode 'F' (32-bit floats) has no range to scale from: convert the dataset's "
+                         "images to 8 or 16 bits per channel")
+    return img.convert("RGB")
+
+
 class _ToTensors:
     """Batched transform: images to uint8 CHW RGB tensors of ``image_size`` (when given), labels to
     ints. An image larger than ``image_size`` is resized to a shortest edge of ``image_size /
@@ -344,7 +364,7 @@ class _ToTensors:
     def __call__(self, batch: dict) -> dict:
         images = []
         for img in batch[self.image_column]:
-            img = img.convert("RGB")
+            img = to_rgb(img)
             size = self.image_size
             if size and min(img.size) > size:
                 scale = size / self.crop_pct / min(img.size)

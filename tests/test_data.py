@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cure_hub.config import DataConfig, TrainConfig
+from cure_hub.config import DataConfig, InputError, TrainConfig
 from cure_hub.data import (
     ColumnDetectionError,
     balanced_subset_indices,
@@ -21,6 +21,7 @@ from cure_hub.data import (
     augmentation_for,
     random_crop_flip,
     random_resized_crop_flip,
+    to_rgb,
 )
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -202,3 +203,27 @@ def test_large_images_are_resized_and_centre_cropped_small_ones_resized_whole():
     assert np.array_equal(images[1].permute(1, 2, 0).numpy(), np.array(small.resize((32, 32), resample=2)))
     whole_square = _ToTensors("image", "label", image_size=32)({"image": [wide], "label": [0]})["image"][0]
     assert np.array_equal(whole_square.permute(1, 2, 0).numpy(), np.array(wide.resize((53, 32), resample=2).crop((10, 0, 42, 32))))
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped_and_float_images_refused(tmp_path):
+    """A folder of 16-bit grey PNGs (mode "I;16") became constant 255 through PIL's own conversion,
+    and training went ahead on blank images. Each grey level v is now round(v / 257)."""
+    rng = np.random.default_rng(0)
+    levels = {}
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / "png16" / split / label).mkdir(parents=True)
+            for index in range(4):
+                values = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+                Image.fromarray(values).save(tmp_path / "png16" / split / label / f"{index}.png")
+                levels[split, label, index] = values
+    data = load_data(DataConfig(dataset=str(tmp_path / "png16")))
+    assert Image.open(tmp_path / "png16" / "train" / "a" / "0.png").mode == "I;16"
+    expected = sorted(np.rint(v / 257).astype(np.uint8).tobytes() for (split, _, _), v in levels.items() if split == "train")
+    loaded = [example["image"] for example in data.train]
+    assert all(torch.equal(image[0], image[2]) for image in loaded)
+    assert sorted(image[0].numpy().tobytes() for image in loaded) == expected
+    with pytest.raises(InputError, match="an image of mode 'F' \\(32-bit floats\\) has no range to scale from"):
+        to_rgb(Image.fromarray(rng.random((8, 8), dtype=np.float32)))
+    with pytest.raises(InputError, match="an image of mode 'I' holds values in \\[0, 70000\\], outside 16 bits"):
+        to_rgb(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))
