@@ -173,7 +173,7 @@ def train(preset: Preset, dataset: str, output: Path, method: dict, epochs: int,
                 "eval_attack_steps": 10, "log_every_steps": log_every_steps},
     })
     summary = output / "summary.json"
-    if reuse and summary.is_file() and TrainConfig.from_yaml(str(output / "config.yaml")).to_dict() == config.to_dict():
+    if reuse and summary.is_file() and TrainConfig.of_run(output).to_dict() == config.to_dict():
         print(f"kept the finished run {output}", flush=True)
         return json.loads(summary.read_text())["train_seconds"]
     start = time.perf_counter()

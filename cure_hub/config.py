@@ -498,6 +498,17 @@ class TrainConfig:
         return cls(**built)
 
     @classmethod
+    def of_run(cls, folder: str | os.PathLike) -> "TrainConfig":
+        """The configuration that a run folder's config.yaml records. One that lacks a section (an
+        empty or cut file) is refused, naming them: defaults in their place would resume another run."""
+        path = RunFolder(folder).config_file
+        sections = read_recipe(path)
+        missing = [field.name for field in dataclasses.fields(cls) if not sections.get(field.name)]
+        _check(not missing, f"{path} lacks the section(s) {', '.join(missing)} (an empty or cut file), so the run it "
+                            "describes is unknown: restore it from a copy of the run, or start again with --overwrite-output-dir")
+        return cls.from_dict(sections)
+
+    @classmethod
     def from_yaml(cls, path: str, overrides: dict | None = None) -> "TrainConfig":
         """A recipe file, with ``overrides`` ({section: {key: value}}) applied on top."""
         return cls.from_dict(merge_sections(read_recipe(path), overrides or {}))
@@ -556,7 +567,9 @@ def merge_sections(base: dict, overrides: dict) -> dict:
 #: from that step on, as a longer run would have them.
 CHANGEABLE_AT_RESUME = {
     "optim": {"epochs", "max_steps"},
-    "run": {f.name for f in dataclasses.fields(RunConfig)} - {"output_dir"},
+    # output_dir too: a run folder is where it is (moved, copied or spelled another way), and
+    # check_resume_changes holds the resumed run to it
+    "run": {f.name for f in dataclasses.fields(RunConfig)},
 }
 
 
@@ -573,7 +586,7 @@ def config_for_resume(resume_from: str, overrides: dict | None = None) -> TrainC
     """The configuration of the run that ``resume_from`` belongs to, written to its folder, with
     ``overrides`` on top; an override that would change the run's trajectory is refused."""
     folder = run_folder_of(resume_from)
-    saved = TrainConfig.from_yaml(str(RunFolder(folder).config_file))
+    saved = TrainConfig.of_run(folder)
     sections = merge_sections(saved.to_dict(), {"run": {"output_dir": str(folder)}})
     sections = merge_sections(sections, overrides or {})
     sections["run"]["resume_from"] = str(resume_from)

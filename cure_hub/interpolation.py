@@ -99,7 +99,7 @@ def training_batches(run_dir: str | Path, batch_size: int = 128):
     from .data import load_data
     from .streaming import load_streamed_data
 
-    config = TrainConfig.from_yaml(str(RunFolder(run_dir).config_file))
+    config = TrainConfig.of_run(run_dir)
     data = load_streamed_data(config.data) if config.data.streaming else load_data(config.data)
     return DataLoader(data.train, batch_size=batch_size, collate_fn=data.train_collate)
 

@@ -75,7 +75,7 @@ def check_output_folder(config: TrainConfig) -> bool:
         raise InputError(f"output_dir {run.output_dir!r} lies under {str(file)!r}, which is a file: choose another --output-dir")
     if run.resume_from:
         folder = run_folder_of(run.resume_from)
-        check_resume_changes(TrainConfig.from_yaml(str(RunFolder(folder).config_file)), config, folder)
+        check_resume_changes(TrainConfig.of_run(folder), config, folder)
         return False
     if not RunFolder(run.output_dir).holds_run():
         return False

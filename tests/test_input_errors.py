@@ -6,6 +6,7 @@ import logging
 import datasets
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from cure_hub.cli import main as cli_main
@@ -38,6 +39,7 @@ def one_line_error(argv, capsys, command="train") -> str:
     assert code == 2, error
     lines = [line for line in error.split("\n") if line.strip() and "examples/s]" not in line]  # less progress bars
     assert "Traceback" not in error and len(lines) == 1 and f"{command}: error: " in lines[0], error
+    return lines[0]
     return lines[0]
 
 
@@ -146,3 +148,17 @@ def test_an_output_dir_under_a_file_is_refused_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err
     assert code == 2 and "Traceback" not in error
     assert f"output_dir '{tmp_path / 'notes.txt' / 'run'}' lies under '{tmp_path / 'notes.txt'}', which is a file" in error
+
+
+def test_an_empty_or_cut_config_at_resume_is_refused_naming_the_missing_sections(tmp_path, capsys):
+    """Defaults filled in for an empty or cut config.yaml would resume another run (the error was
+    then about output_dir, or worse, none)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("")
+    error = one_line_error(["--resume-from", str(run)], capsys)
+    assert "lacks the section(s) model, data, method, attack, optim, run (an empty or cut file)" in error
+    whole = yaml.safe_dump(TrainConfig().to_dict(), sort_keys=False)
+    (run / "config.yaml").write_text(whole[:whole.index("method:")])  # cut after the data section
+    error = one_line_error(["--resume-from", str(run)], capsys)
+    assert f"{run / 'config.yaml'} lacks the section(s) method, attack, optim, run (an empty or cut file)" in error

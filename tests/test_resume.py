@@ -83,6 +83,20 @@ def test_killed_run_resumes_bitwise_equal(kill_at, reference, tmp_path):
     assert_same_run(output, reference)
 
 
+def test_a_copied_run_resumes_where_it_is_bitwise_equal(reference, tmp_path):
+    """docs/runs.md: "to branch a run, copy its folder and resume the copy". A folder copied, moved
+    or spelled another way (relative, from another working folder) was refused as a change of
+    run.output_dir; resume follows the folder."""
+    output, branch = tmp_path / "a" / "run", tmp_path / "b" / "branch"
+    killed = run([FAULT_RUN, "step:19", *FLAGS, "--output-dir", str(output)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    shutil.copytree(output, branch)
+    resumed = run([TRAIN, "--resume-from", "branch"], cwd=branch.parent)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(branch, reference)
+    assert "output_dir: branch" in (branch / "config.yaml").read_text()
+
+
 def test_channels_last_run_killed_resumes_bitwise_equal(tmp_path):
     """--channels-last: weights, momentum and revision model in that layout go through a checkpoint
     and come back as they were."""
