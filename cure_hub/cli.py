@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 from .arguments import ArgumentParser, key_value, number
-from .config import BATCH_NORM_BATCHES, WEIGHT_CHOICES
+from .config import BATCH_NORM_BATCHES, WEIGHT_CHOICES, InputError
 from .console import exit_code_of, setup_logging
 from .evaluation import ATTACKS
-from .run_folder import RunFolder
+from .run_folder import RunFolder, file_in_the_way
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace, processes) -> int:
     import json
 
-    from .config import DataConfig, InputError
+    from .config import DataConfig
     from .corruptions import CorruptedCopy, GeneratedCorruptions, parse_corruptions, parse_severities
     from .data import collate, load_eval_split
     from .evaluation import EvaluationSuite, check_model_fits_data
@@ -76,6 +76,8 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
         raise InputError("--plots draws from the results file: pass --output FILE.json too")
     if args.resume and not args.output:
         raise InputError("--resume continues the evaluation that writes --output FILE: pass its --output")
+    if args.output:  # before the evaluation, not after it
+        check_results_file(args.output)
     model = None if args.checkpoint else load_robust_model(args.model, weights=args.weights)  # first: it has its crop
     data_config = DataConfig(dataset=args.dataset, eval_split=args.split, eval_split_fraction=args.eval_split_fraction,
                              image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
@@ -133,6 +135,16 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
             for path in write_plots([args.output], args.plots):
                 print(f"wrote {path}")
     return 0
+
+
+def check_results_file(output: str) -> None:
+    """``output`` can become the results file: it is no folder, and no file stands where its folder
+    is to be (which is made if missing)."""
+    if Path(output).is_dir():
+        raise InputError(f"--output {output!r} is a folder: name the results file, e.g. {str(Path(output) / 'results.json')!r}")
+    if file := file_in_the_way(Path(output).parent):
+        raise InputError(f"--output {output!r} lies under {str(file)!r}, which is a file: choose another --output")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
 
 
 def format_results_table(results: dict) -> str:

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from .config import InputError, OptimConfig, TrainConfig, check_resume_changes, run_folder_of
 from .methods import METHOD_CLASSES, Method
 from .models import check_channels_last_training_on_cpu, loads_pretrained_weights, pretrained_preprocessing
-from .run_folder import RunFolder
+from .run_folder import RunFolder, file_in_the_way
 from .system import usable_cpu_cores
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def check_output_folder(config: TrainConfig) -> bool:
     """A resumed run continues its own trajectory in its own folder; a new run does not write over
     another unless told to. Returns whether the earlier run's outputs are to be cleared."""
     run = config.run
-    if file := next((p for p in (Path(run.output_dir), *Path(run.output_dir).parents) if p.is_file()), None):
+    if file := file_in_the_way(run.output_dir):
         raise InputError(f"output_dir {run.output_dir!r} lies under {str(file)!r}, which is a file: choose another --output-dir")
     if run.resume_from:
         folder = run_folder_of(run.resume_from)

@@ -223,6 +223,13 @@ class RunFolder:
         write_atomically(self.path / SUMMARY, json.dumps(summary, indent=2))
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """``path`` or the first of its parents that is a file, where a folder is to be: nothing can be
+    written there (the error would otherwise be a NotADirectoryError long after the start)."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.is_file()), None)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """``text`` into ``path`` through a temporary file renamed into place."""
     partial = path.with_name(f".{path.name}.partial")

@@ -162,3 +162,18 @@ def test_an_empty_or_cut_config_at_resume_is_refused_naming_the_missing_sections
     (run / "config.yaml").write_text(whole[:whole.index("method:")])  # cut after the data section
     error = one_line_error(["--resume-from", str(run)], capsys)
     assert f"{run / 'config.yaml'} lacks the section(s) method, attack, optim, run (an empty or cut file)" in error
+
+
+def test_eval_output_that_cannot_be_written_is_refused_before_evaluating(natural_run, tmp_path, capsys):
+    """An --output naming a folder used to be found out after the whole evaluation, leaving .tmp and
+    .partial files beside it."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "notes.txt").write_text("a file")
+    model = [str(natural_run), "--dataset", "digits", "--n-examples", "20", "--attacks", "clean"]
+    error = one_line_error([*model, "--output", str(tmp_path / "results")], capsys, command="eval")
+    assert f"--output '{tmp_path / 'results'}' is a folder: name the results file" in error
+    error = one_line_error([*model, "--output", str(tmp_path / "notes.txt" / "r.json")], capsys, command="eval")
+    assert f"lies under '{tmp_path / 'notes.txt'}', which is a file" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]
+    assert cli_main(["eval", *model, "--output", str(tmp_path / "new" / "r.json")]) == 0  # its folder is made
+    assert (tmp_path / "new" / "r.json").is_file()
