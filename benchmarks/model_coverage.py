@@ -33,7 +33,7 @@ import torch
 import cure_hub
 from cure_hub.config import InputError
 from cure_hub.methods.cure import masked_parameter_names
-from cure_hub.models import _transformers_model_types
+from cure_hub.model_configs import transformers_model_types
 
 LIBRARIES = ("timm", "transformers")
 #: The sizes every model is built at: CIFAR's, and the model's own (``None``).
@@ -84,7 +84,7 @@ class Outcome:
 
 
 def model_names(library: str) -> list[str]:
-    return timm.list_models() if library == "timm" else _transformers_model_types()
+    return timm.list_models() if library == "timm" else transformers_model_types()
 
 
 def check(library: str, name: str, image_size: int | None) -> Outcome:

@@ -41,7 +41,7 @@ from cure_hub.config import DataConfig, MethodConfig, TrainConfig
 from cure_hub.data import collate, load_eval_split
 from cure_hub.evaluation import evaluate_robustness, natural_robustness_ratio, wilson_interval
 from cure_hub.interpolation import tradeoff_curve
-from cure_hub.hub import load_robust_model
+from cure_hub.models import load_robust_model
 from cure_hub.system import usable_cpu_cores
 from cure_hub.trainer import Trainer
 

@@ -1,8 +1,8 @@
 """cure-hub: adversarially robust fine-tuning (CURE) for timm and Hugging Face vision models."""
 
 from .config import AttackConfig, DataConfig, MethodConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from .hub import export_run, load_robust_model, push_to_hub
-from .models import ModelSpec, RobustClassifier, create_model
+from .hub import export_run, push_to_hub
+from .models import ModelSpec, RobustClassifier, create_model, load_robust_model
 
 __version__ = "0.1.0"
 

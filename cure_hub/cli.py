@@ -18,7 +18,7 @@ from .run_folder import RunFolder, file_in_the_way
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .models import describe_model_name, known_model_names
+    from .model_configs import describe_model_name, known_model_names
 
     names = [n for n in known_model_names() if fnmatch.fnmatch(n, args.pattern)]
     try:
@@ -62,8 +62,7 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
     from .corruptions import CorruptedCopy, GeneratedCorruptions, parse_corruptions, parse_severities
     from .data import collate, load_eval_split
     from .evaluation import EvaluationSuite, check_model_fits_data
-    from .hub import load_robust_model
-    from .models import create_model
+    from .models import create_model, load_robust_model
     from .plots import write_plots
     from .sharded_eval import EvaluationState, run_evaluation, state_folder_for, weights_digest
 

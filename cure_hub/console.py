@@ -20,8 +20,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .checkpoints import TrainingDivergedError
     from .config import InputError
     from .data import DatasetUnavailableError
-    from .hub import ExportError, HubPushError
-    from .models import CheckpointMismatchError
+    from .hub import HubPushError
+    from .models import CheckpointMismatchError, ExportError
 
     return (InputError, DatasetUnavailableError, ExportError, HubPushError, CheckpointMismatchError,
             TrainingDivergedError, TrainingCollapsedError, FileExistsError, FileNotFoundError)

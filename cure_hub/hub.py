@@ -1,4 +1,5 @@
-"""Loading, exporting and publishing robust checkpoints.
+"""Exporting and publishing robust checkpoints: the export folder, its model card and results, and
+the push to the Hub. It builds no model: loading is :mod:`cure_hub.models`'.
 
 Two published layouts, each readable by its own library without cure-hub:
 
@@ -23,158 +24,15 @@ from pathlib import Path
 
 from .config import WEIGHT_CHOICES
 from .evaluation import ATTACKS, INTERVAL_METHOD, NORM_NAMES, wilson_interval
-from .models import ModelSpec, RobustClassifier, check_finite, from_transformers_pretrained, model_from_spec
+from .models import ExportError, ModelSpec, check_finite, load_robust_model, read_json, save_pretrained
 from .run_folder import RunFolder
 from .system import default_file_mode, process_umask
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def load_robust_model(location: str | os.PathLike, revision: str | None = None, weights: str = "last") -> RobustClassifier:
-    """The [0, 1]-input classifier stored at ``location``, in eval mode (as transformers'
-    ``from_pretrained`` returns models): ready for inference, batch-norm statistics frozen.
-
-    ``location`` is a training run folder (``weights`` picks ``last``, ``best`` or ``revision``),
-    an export folder, or a Hub repository id (``revision``: a branch, tag or commit).
-    """
-    return _load_robust_model(str(location), revision, weights).eval()
-
-
-def _load_robust_model(location: str, revision: str | None, weights: str) -> RobustClassifier:
-    path, run = Path(location), RunFolder(location)
-    if run.is_run():
-        weights_file = run.weights_file(weights)
-        if not weights_file.is_file():
-            raise FileNotFoundError(f"run {path} has no {weights!r} weights; it has {run.weights_names()}")
-        return model_from_spec(ModelSpec.from_dict(run.read_model_spec()), weights_file)
-    if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path} is neither a run folder (model_spec.json) nor an export (config.json)")
-        return load_export(str(path), _read_json(config_file), local=True)
-    if path.suffix or location.startswith((".", "/")):
-        raise FileNotFoundError(f"no model at {location!r}")
-    config_file = download_from_hub(location, "config.json", revision=revision)
-    return load_export(location, _read_json(Path(config_file)), local=False, revision=revision)
-
-
-def download_from_hub(repo_id: str, filename: str, revision: str | None = None) -> str:
-    """``hf_hub_download``, with a missing repository, revision or file, or an unreachable Hub,
-    reported as a ``FileNotFoundError`` that names what was asked for."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision)
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{repo_id!r} is not a local folder, and the Hub could not be reached for it (nor is it in the cache)"
-        ) from None
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HFValidationError) as err:
-        raise FileNotFoundError(
-            f"no model at {repo_id!r}: not a local file or folder, nor a Hub repository with a {filename}"
-            f"{f' at revision {revision!r}' if revision else ''} ({type(err).__name__})"
-        ) from None
-
-
-def load_export(location: str, config: dict, local: bool, revision: str | None = None,
-                num_classes: int | None = None) -> RobustClassifier:
-    """An export (folder or Hub id) whose ``config.json`` is ``config``; ``num_classes``, when it
-    differs from the export's, gives a new, untrained head. Non-finite weights are refused."""
-    model = _load_export(location, config, local, revision, num_classes)
-    check_finite(model.state_dict(), f"the model at {location!r}")
-    return model
-
-
-def _load_export(location: str, config: dict, local: bool, revision: str | None, num_classes: int | None) -> RobustClassifier:
-    if "architecture" in config:  # timm layout (models.py has registered the CIFAR architectures)
-        import timm
-
-        name = f"local-dir:{location}" if local else f"hf-hub:{location}" + (f"@{revision}" if revision else "")
-        backbone = timm.create_model(name, pretrained=True, num_classes=num_classes)
-        cfg = backbone.pretrained_cfg
-        spec = ModelSpec(
-            library="timm",
-            architecture=config["architecture"],
-            num_classes=backbone.num_classes,
-            image_size=int(cfg["input_size"][-1]),
-            mean=tuple(cfg["mean"]),
-            std=tuple(cfg["std"]),
-            crop_pct=float(cfg.get("crop_pct", 1.0)),
-            model_args=dict(config.get("model_args", {})),
-            label_names=config.get("label_names"),
-            source=None if local else location,
-        )
-        return RobustClassifier(backbone, spec)
-    return from_transformers_pretrained(location, num_classes=num_classes, revision=revision)
 
 
 # --------------------------------------------------------------------------------------------
 # Export
 
 ATTACK_NAMES = {name: spec.title for name, spec in ATTACKS.items()}
-
-
-class ExportError(RuntimeError):
-    """The export cannot be written (a bad run folder, or an output folder in the way)."""
-
-
-def save_pretrained(model: RobustClassifier, folder: str | os.PathLike) -> None:
-    """Write ``model`` in its library's Hub layout (weights and configuration only)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    spec = model.spec
-    if spec.library == "timm":
-        _save_timm(model, folder)
-    else:
-        model.backbone.save_pretrained(folder, safe_serialization=True)
-        _image_processor(spec).save_pretrained(folder)
-
-
-#: Fields of timm's pretrained config that describe the base checkpoint, not the export.
-BASE_CHECKPOINT_FIELDS = ("license", "tag", "hf_hub_id", "hf_hub_filename", "url", "file", "origin_url", "paper_ids",
-                          "paper_name", "notes")
-
-
-def _save_timm(model: RobustClassifier, folder: Path) -> None:
-    from huggingface_hub import save_torch_state_dict
-    from timm.models._hub import save_config_for_hf
-
-    spec = model.spec
-    data_config = {"input_size": (3, spec.image_size, spec.image_size), "mean": tuple(spec.mean), "std": tuple(spec.std),
-                   "crop_pct": spec.crop_pct, "crop_mode": "center"}
-    config_file = folder / "config.json"
-    save_config_for_hf(model.backbone, config_file, model_config={"label_names": list(spec.label_names or [])}, data_config=data_config)
-    config = _read_json(config_file)
-    # timm keeps only the arguments its model records (drop_path_rate is lost); transformers' timm
-    # wrapper passes num_classes itself and fails on a second one in model_args.
-    config["model_args"] = {k: v for k, v in {**config.get("model_args", {}), **spec.model_args}.items() if k != "num_classes"}
-    for field in BASE_CHECKPOINT_FIELDS:  # the base checkpoint's, not this model's (the card has its own)
-        config["pretrained_cfg"].pop(field, None)
-    config["label_names"] = list(spec.label_names or [str(i) for i in range(spec.num_classes)])
-    config_file.write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
-    save_torch_state_dict(state, folder, max_shard_size="50GB")
-
-
-def _image_processor(spec: ModelSpec):
-    """The model type's processor (ViT's where it has none, or where its options cannot express
-    the model's normalisation), checked to give the export the pixels ``spec`` describes."""
-    from transformers import ViTImageProcessor
-
-    from .models import default_image_processor
-    from .preprocessing import PixelMap, processor_applying
-
-    target = PixelMap(tuple(spec.mean), tuple(spec.std), spec.channel_order)
-    for processor in filter(None, (default_image_processor(spec.architecture), ViTImageProcessor())):
-        if (configured := processor_applying(processor, target, spec.image_size)) is not None:
-            return configured
-    raise ExportError(
-        f"no image processor for {spec.architecture} can give the model its pixels ({spec.channel_order}, mean {list(spec.mean)}, "
-        f"std {list(spec.std)}): pipeline() would feed it the wrong input"
-    )
 
 
 def _package_versions() -> dict[str, str]:
@@ -286,8 +144,8 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
 
     folder = Path(folder)
     name = repo_id or name or folder.name
-    training = _read_json(folder / "training_config.json")
-    results = _read_json(folder / "eval_results.json")
+    training = read_json(folder / "training_config.json")
+    results = read_json(folder / "eval_results.json")
     spec = ModelSpec.from_dict(training["model_spec"])
     config, summary = training["config"], training.get("summary", {})
     method = config["method"]["method"]
@@ -425,7 +283,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     else:
         model, interpolation = load_robust_model(run, weights=weights), None
         if eval_results:
-            results = _read_json(Path(eval_results))
+            results = read_json(Path(eval_results))
             _check_results_are_of(results, run, weights, eval_results)
         else:
             results = _eval_results_from_run(run, weights, config)
@@ -462,7 +320,7 @@ def _interpolated_export(run: Path, weights: str, lam: float):
     from .interpolation import TRADEOFF_FILE, curve_point, interpolated_model, recompute_batch_norm, training_batches
 
     curve_file = run / "tradeoff" / TRADEOFF_FILE
-    curve = _read_json(curve_file) if curve_file.is_file() else None
+    curve = read_json(curve_file) if curve_file.is_file() else None
     point = curve_point(curve, lam) if curve and curve["weights"] == weights else None
     if point is None:
         raise ExportError(f"no point λ = {lam:g} towards the {weights} weights in {curve_file}: evaluate it first with "
@@ -535,9 +393,9 @@ def rerender_card(folder: str | os.PathLike, eval_results: str | os.PathLike | N
     """Re-render an export's card, after replacing its ``eval_results.json`` when one is given."""
     folder = Path(folder)
     if eval_results:
-        results = without_local_paths(_read_json(Path(eval_results)))
+        results = without_local_paths(read_json(Path(eval_results)))
         (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
-        training = _read_json(folder / "training_config.json")
+        training = read_json(folder / "training_config.json")
         spec = ModelSpec.from_dict(training["model_spec"])
         (folder / "robustbench.json").write_text(json.dumps(robustbench_entry(spec, results, training["config"]), indent=2))
     card = model_card(folder, repo_id)
@@ -596,9 +454,9 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     check_finite(load_file(folder / "model.safetensors"), f"the export {str(folder)!r}")
     api = check_push_access(repo_id, token)
     token = api.token
-    local = _read_json(folder / "config.json")
+    local = read_json(folder / "config.json")
     try:
-        remote = _read_json(Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token)))
+        remote = read_json(Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token)))
     except (RepositoryNotFoundError, EntryNotFoundError, RevisionNotFoundError):
         remote = None
     if remote is not None and not force:

@@ -50,7 +50,7 @@ def interpolated_model(run_dir: str | Path, weights: str, lam: float):
 
 def _end_points(run_dir: str | Path, weights: str):
     """The run's model with its ``weights``, and the state dicts of the start and of those weights."""
-    from .hub import load_robust_model
+    from .models import load_robust_model
 
     start_file = RunFolder(run_dir).weights_file("start")
     if not start_file.is_file():

@@ -4,6 +4,11 @@ Every model is returned as a :class:`RobustClassifier`: it takes images in [0, 1
 (N, C, H, W), normalises them with the mean and std that belong to the architecture, and returns
 logits. Attacks therefore work in pixel space (epsilon = 8/255 is 8/255 of a pixel), and the
 normalisation is part of the model's saved description (:class:`ModelSpec`), not of the data.
+
+A model's files live here too, so that loading goes down only: :func:`save_pretrained` writes an
+export's model files in its library's Hub layout, and :func:`load_robust_model` reads a training
+run, an export folder or a Hub id back (``RobustClassifier.save_pretrained`` / ``from_pretrained``).
+What a name stands for before a network is built is :mod:`cure_hub.model_configs`'.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import difflib
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +26,27 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from . import architectures  # noqa: F401  (registers the CIFAR architectures with timm)
 from .config import InputError
-from .preprocessing import PixelMap, UnsupportedProcessorError, pixel_map
+from .model_configs import (
+    MODEL_ALIASES,
+    SIZE_FIELDS,
+    TIMM_HUB_PREFIX,
+    config_image_size,
+    default_image_processor,
+    is_timm_name,
+    known_model_names,
+    meta_failure,
+    processor_crop_pct,
+    sized_timm_arguments,
+    timm_pretrained_config,
+    transformers_config,
+    transformers_model_types,
+    vision_config,
+)
+from .preprocessing import PixelMap, UnsupportedProcessorError, pixel_map, processor_applying
+from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
-
-#: How timm names a timm-layout Hub repository: ``hf-hub:owner/name``.
-TIMM_HUB_PREFIX = "hf-hub:"
-#: Short names users type, mapped onto timm architectures. None is the name of a timm architecture
-#: or a transformers model type (``convnext`` is transformers' ConvNeXt; timm's is ``convnext_tiny``).
-MODEL_ALIASES = {
-    "vit_tiny": "vit_tiny_patch16_224",
-    "vit_small": "vit_small_patch16_224",
-    "vit_base": "vit_base_patch16_224",
-    "vit_large": "vit_large_patch16_224",
-    "deit_tiny": "deit_tiny_patch16_224",
-    "deit_small": "deit_small_patch16_224",
-    "deit_base": "deit_base_patch16_224",
-    "wrn34_10": "cifar_wrn34_10",
-    "preactresnet18": "cifar_preactresnet18",
-}
-
-#: The fewest patches per side a ViT keeps when built for images smaller than its default.
-MIN_PATCH_GRID = 8
 
 
 class UnknownModelError(InputError):
@@ -178,16 +179,12 @@ class RobustClassifier(nn.Module):
         return self.backbone(normalised)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write the model in its library's Hub layout (see :func:`cure_hub.hub.save_pretrained`)."""
-        from .hub import save_pretrained
-
+        """Write the model in its library's Hub layout (see :func:`save_pretrained`)."""
         save_pretrained(self, folder)
 
     @classmethod
     def from_pretrained(cls, location: str | os.PathLike, revision: str | None = None) -> "RobustClassifier":
         """Load from an export folder, a training run or a Hub id (:func:`cure_hub.load_robust_model`)."""
-        from .hub import load_robust_model
-
         return load_robust_model(location, revision=revision)
 
     def classifier_parameter_names(self) -> list[str]:
@@ -225,39 +222,6 @@ def _classifier_modules(backbone: nn.Module, spec: "ModelSpec") -> list[nn.Modul
     return heads
 
 
-def known_model_names() -> list[str]:
-    """timm architectures, aliases and transformers image-classification model types."""
-    return sorted(set(timm.list_models()) | set(MODEL_ALIASES) | set(_transformers_model_types()))
-
-
-def describe_model_name(name: str) -> str:
-    """``name``'s library (and what an alias stands for) and its parameter count, counted on the
-    meta device (no memory): ``vit_small: timm, alias of vit_small_patch16_224, 22.1M parameters``."""
-    if name in MODEL_ALIASES:
-        library, built = f"timm, alias of {MODEL_ALIASES[name]}", MODEL_ALIASES[name]
-    else:
-        library, built = ("timm" if timm.is_model(name) else "transformers"), name
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if timm.is_model(built):
-                model = timm.create_model(built)
-            else:
-                from transformers import AutoModelForImageClassification
-
-                model = AutoModelForImageClassification.from_config(_transformers_config(built, None, None, {}))
-        size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
-    except Exception:  # a model type that needs an extra package; the name is still worth listing
-        size = "parameters unknown (cannot be built here)"
-    return f"{name}: {library}, {size}"
-
-
-def _transformers_model_types() -> list[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    return [t for t in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES if t != "timm_wrapper"]
-
-
 def create_model(
     name: str,
     num_classes: int | None = None,
@@ -289,10 +253,10 @@ def create_model(
     """
     if (path := Path(name)).exists():
         model = _create_from_path(path, num_classes, image_size, pretrained, **kwargs)
-    elif _is_timm_name(name):
+    elif is_timm_name(name):
         model = _create_timm(MODEL_ALIASES.get(name, name), num_classes, image_size, pretrained, **kwargs)
-    elif name in _transformers_model_types():
-        model = _create_transformers_from_config(_transformers_config(name, num_classes, image_size, kwargs), image_size=image_size)
+    elif name in transformers_model_types():
+        model = _create_transformers_from_config(transformers_config(name, num_classes, image_size, kwargs), image_size=image_size)
     elif "/" in name and not name.startswith((".", "/")):
         model = from_transformers_pretrained(name, num_classes)
     else:
@@ -318,92 +282,10 @@ def create_model(
     return model
 
 
-def pretrained_preprocessing(name: str) -> tuple[int | None, float]:
-    """The image size a pretrained checkpoint was trained at (``None`` when it does not say) and
-    the share of the shortest edge its evaluation centre crop keeps (1.0 when it does not say):
-    from timm's pretrained config (an architecture, an alias, an ``hf-hub:`` repository) or a
-    transformers checkpoint's config and image processor (a Hub id or folder)."""
-    if _is_timm_name(name):
-        cfg = _timm_pretrained_config(MODEL_ALIASES.get(name, name))[0]
-        return (cfg["input_size"][-1] if cfg else None), cfg.get("crop_pct", 1.0)
-    if name in _transformers_model_types():
-        return None, 1.0
-    from transformers import AutoConfig, AutoImageProcessor
-
-    try:
-        processor = AutoImageProcessor.from_pretrained(name)
-    except (OSError, ValueError):
-        processor = None
-    size = _config_image_size(AutoConfig.from_pretrained(name))
-    if size is None and processor is not None:
-        size = processor.size.get("height") or processor.size.get("shortest_edge")
-    return size, _processor_crop_pct(processor)
-
-
-def _processor_crop_pct(processor) -> float:
-    """The share of the shortest edge a transformers processor's evaluation crop keeps: its
-    ``crop_pct`` (ConvNeXt's), or its crop size over the edge it resizes to (BiT's, CLIP's)."""
-    if processor is None:
-        return 1.0
-    if getattr(processor, "crop_pct", None):
-        return float(processor.crop_pct)
-    crop, size = getattr(processor, "crop_size", None) or {}, processor.size or {}
-    if getattr(processor, "do_center_crop", False) and crop.get("height") and size.get("shortest_edge"):
-        return min(1.0, crop["height"] / size["shortest_edge"])
-    return 1.0
-
-
-def loads_pretrained_weights(name: str, pretrained: bool) -> bool:
-    """Whether ``create_model(name, pretrained=pretrained)`` starts from trained weights: with
-    ``pretrained``, or from a transformers checkpoint (a Hub id or a folder with weights)."""
-    if pretrained:
-        return True
-    path = Path(name)
-    if path.exists():
-        return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
-    return not (_is_timm_name(name) or name in _transformers_model_types()) and "/" in name
-
-
-def has_pretrained_weights(name: str) -> bool:
-    """Whether ``--pretrained`` has weights to load for ``name``: a timm architecture (or alias)
-    whose default pretrained config names a file, or a timm-layout Hub repository."""
-    arch = MODEL_ALIASES.get(name, name)
-    if arch.startswith(TIMM_HUB_PREFIX):
-        return True
-    cfg = timm.models.get_pretrained_cfg(arch) if timm.is_model(arch) else None
-    return bool(cfg and (cfg.hf_hub_id or cfg.url or cfg.file))
-
-
-def _is_timm_name(name: str) -> bool:
-    """A timm architecture, an alias of one, or a timm-layout Hub repository."""
-    return name in MODEL_ALIASES or timm.is_model(name) or name.startswith(TIMM_HUB_PREFIX)
-
-
-def _timm_pretrained_config(arch: str) -> tuple[dict, str, dict]:
-    """For a timm architecture or ``hf-hub:`` repository: its pretrained config (``{}`` when it has
-    none: input size, crop_pct, mean, std...), the architecture's name, and the repository's arguments."""
-    if arch.startswith(TIMM_HUB_PREFIX):
-        from timm.models import load_model_config_from_hf
-
-        cfg, base_arch, hub_args = load_model_config_from_hf(arch.removeprefix(TIMM_HUB_PREFIX))
-        return cfg, base_arch, hub_args or {}
-    cfg = timm.models.get_pretrained_cfg(arch)
-    return (cfg.to_dict() if cfg else {}), arch, {}
-
-
-def choose_patch_size(image_size: int, default_patch: int) -> int:
-    """The largest patch no bigger than ``default_patch`` that tiles ``image_size`` into a grid of
-    at least :data:`MIN_PATCH_GRID` patches per side (32x32 images: patch 4, an 8x8 grid)."""
-    if image_size % default_patch == 0 and image_size // default_patch >= MIN_PATCH_GRID:
-        return default_patch
-    candidates = [p for p in range(1, default_patch + 1) if image_size % p == 0 and image_size // p >= MIN_PATCH_GRID]
-    return max(candidates) if candidates else 1
-
-
 def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs) -> RobustClassifier:
     """A timm architecture, or a timm-layout Hub repository (``hf-hub:owner/name``: its architecture
     and arguments, with its weights when ``pretrained``)."""
-    pretrained_cfg, base_arch, hub_args = _timm_pretrained_config(arch)
+    pretrained_cfg, base_arch, hub_args = timm_pretrained_config(arch)
     default_size = pretrained_cfg["input_size"][-1] if pretrained_cfg else 224
     model_args = dict(kwargs)
     if num_classes is not None:
@@ -414,7 +296,7 @@ def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs)
             raise InputError(f"--model-kwargs img_size={explicit} contradicts the image size {image_size}: give one of them")
         image_size = explicit if isinstance(explicit, int) else explicit[-1]
     elif image_size is not None and image_size != default_size:
-        model_args = _sized_timm_arguments(arch, image_size, model_args)
+        model_args = sized_timm_arguments(arch, image_size, model_args)
     backbone = timm.create_model(arch, pretrained=pretrained, **model_args)
     if not hasattr(backbone, "get_classifier"):
         raise UnknownModelError(f"{arch!r} is an image encoder without a classifier in timm: choose a classification architecture")
@@ -434,107 +316,16 @@ def _create_timm(arch: str, num_classes, image_size, pretrained: bool, **kwargs)
     return RobustClassifier(backbone, spec)
 
 
-def _sized_timm_arguments(arch: str, image_size: int, model_args: dict) -> dict:
-    """``model_args`` plus what builds ``arch`` for ``image_size`` inputs, as far as the model takes
-    it: a smaller patch (:func:`choose_patch_size`) and ``img_size`` for a ViT-like model,
-    ``img_size`` alone when the patch cannot change, nothing for a model that takes no image size
-    (most convolutional networks take any). The first of these that builds and classifies such
-    images on the meta device (no memory, no arithmetic) wins; when none does, a one-line error.
-    Trying beats reading signatures: many timm classes take ``**kwargs`` and pass them on."""
-    with torch.device("meta"):
-        probe = timm.create_model(arch, **model_args)
-    patch_embed = next((module for name, module in probe.named_modules() if name.rpartition(".")[2] == "patch_embed"), None)
-    patch_size = getattr(patch_embed, "patch_size", None)  # also where a wrapper keeps it (DeepSeek's encoder)
-    default_patch = patch_size if isinstance(patch_size, int) else (patch_size[0] if patch_size else None)
-    candidates = []  # (arguments, what the log says about them); one the constructor does not take fails to build
-    if default_patch is not None:
-        patch = model_args.get("patch_size", choose_patch_size(image_size, default_patch))
-        if not (isinstance(patch, int) and 0 < patch <= image_size and image_size % patch == 0):
-            raise InputError(
-                f"patch_size={patch!r} does not tile {image_size}x{image_size} images: pass --model-kwargs patch_size=N "
-                f"with N dividing {image_size}, or leave it out to get {choose_patch_size(image_size, default_patch)}"
-            )
-        grid = image_size // patch
-        candidates.append(({**model_args, "img_size": image_size, "patch_size": patch},
-                           f"patch size {patch}, {grid * grid} tokens, position embeddings for a {grid}x{grid} grid"))
-    if "patch_size" not in model_args:
-        candidates.append(({**model_args, "img_size": image_size}, "its own patch size"))
-    candidates.append((model_args, "as timm builds it"))
-    for sized, description in candidates:
-        build = (lambda: probe) if sized is model_args else (lambda: timm.create_model(arch, **sized))  # timm's own: built above
-        if (failure := _meta_failure(build, nn.Module.__call__, image_size)) is None:
-            logger.info("%s built for %dx%d images: %s", arch, image_size, image_size, description)
-            return sized
-    raise InputError(  # the failure of timm's own build, the last candidate, which says most
-        f"{arch} cannot classify {image_size}x{image_size} images ({failure}): train it at a size it takes "
-        "(--image-size, e.g. its default), or set its size with --model-kwargs (img_size=..., patch_size=...)"
-    )
-
-
-def _meta_failure(build, forward, image_size: int) -> str | None:
-    """Why the model ``build()`` returns fails on a batch of ``image_size`` images (``forward(model,
-    images)`` gives its logits), tried on the meta device; ``None`` when it does not, or when an
-    operation has no meta kernel to tell."""
-    try:
-        with torch.device("meta"):
-            logits = forward(build().eval(), torch.zeros(1, 3, image_size, image_size))
-    except NotImplementedError:
-        return None
-    except ImportError as err:  # transformers names the missing package over several lines
-        return f"{type(err).__name__}: {' '.join(str(err).split())}"
-    except Exception as err:  # each architecture fails in its own way: shapes, asserts, even a raised string
-        if "meta tensor" in str(err):  # a value-dependent operation (.item()): the meta device cannot tell
-            return None
-        first_line = next((line for line in str(err).splitlines() if line.strip()), "no message")
-        return f"{type(err).__name__}: {first_line}"
-    return None if logits.dim() == 2 else f"its output has shape {tuple(logits.shape)}"
-
-
-def _transformers_config(model_type: str, num_classes, image_size, fields: dict):
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    config = AutoConfig.for_model(model_type, **fields)
-    if num_classes is not None:
-        config.num_labels = num_classes
-    if not config.architectures:  # the Auto class reads it to choose between DeiT's (LeViT's...) two classifiers
-        classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
-        config.architectures = [classes if isinstance(classes, str) else classes[0]]
-    vision = _vision_config(config)
-    if image_size is not None and hasattr(vision, "image_size"):
-        if isinstance(getattr(vision, "patch_size", None), int) and "patch_size" not in fields:
-            vision.patch_size = choose_patch_size(image_size, vision.patch_size)
-            logger.info("%s built for %dx%d images: patch size %d", model_type, image_size, image_size, vision.patch_size)
-        vision.image_size = image_size if isinstance(vision.image_size, int) else [image_size, image_size]  # Hiera: a pair
-    return config
-
-
-def _config_image_size(config) -> int | None:
-    """A transformers config's image size (an int or a (height, width) pair) as one side, from its
-    vision config where it has one; ``None`` when it has none (most convolutional networks)."""
-    size = getattr(_vision_config(config), "image_size", None)
-    return size if size is None or isinstance(size, int) else size[-1]
-
-
-def _vision_config(config):
-    """Where a transformers config keeps its image fields: its ``vision_config`` (CLIP, SigLIP) or itself."""
-    return getattr(config, "vision_config", None) or config
-
-
-#: transformers config fields that decide which image sizes a model takes.
-SIZE_FIELDS = ("image_size", "patch_size", "window_size", "patch_stride", "mask_unit_size")
-
-
 def _create_transformers_from_config(config, image_size: int | None = None) -> RobustClassifier:
     """Built once on the meta device and fed a batch first: a model type that cannot be built here,
     or not for this size, is a one-line error rather than a crash at the first training step."""
     from transformers import AutoModelForImageClassification
 
-    size = image_size or _config_image_size(config) or 224
-    failure = _meta_failure(lambda: AutoModelForImageClassification.from_config(config),
+    size = image_size or config_image_size(config) or 224
+    failure = meta_failure(lambda: AutoModelForImageClassification.from_config(config),
                             lambda model, images: model(pixel_values=images)[0], size)
     if failure is not None:
-        fields = [f"{field}={getattr(_vision_config(config), field)}" for field in SIZE_FIELDS if hasattr(_vision_config(config), field)]
+        fields = [f"{field}={getattr(vision_config(config), field)}" for field in SIZE_FIELDS if hasattr(vision_config(config), field)]
         raise InputError(
             f"transformers {config.model_type} cannot classify {size}x{size} images ({failure})"
             + (f": set its size with --model-kwargs (now {', '.join(fields)})" if fields else "")
@@ -559,30 +350,8 @@ def from_transformers_pretrained(name_or_path: str, num_classes: int | None, rev
     except (OSError, ValueError):
         processor = None
     model = _wrap_transformers(backbone, name_or_path, _processor_pixel_map(processor, name_or_path))
-    model.spec.crop_pct = _processor_crop_pct(processor)
+    model.spec.crop_pct = processor_crop_pct(processor)
     return model
-
-
-def default_image_processor(model_type: str):
-    """The model type's image processor with its default settings, if one can be made."""
-    from transformers.models.auto.image_processing_auto import (
-        IMAGE_PROCESSOR_MAPPING_NAMES,
-        get_image_processor_class_from_name,
-    )
-
-    entry = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
-    names = entry.values() if isinstance(entry, dict) else (entry if isinstance(entry, tuple) else [entry])
-    for class_name in filter(None, names):
-        processor_cls = get_image_processor_class_from_name(class_name)
-        if processor_cls is None:
-            continue
-        try:
-            processor = processor_cls()
-        except Exception:  # some processors need extra packages to instantiate
-            continue
-        if getattr(processor, "image_mean", None) is not None:
-            return processor
-    return None
 
 
 def _processor_pixel_map(processor, source: str) -> PixelMap:
@@ -603,7 +372,7 @@ def _wrap_transformers(backbone: nn.Module, source: str | None, pixels: PixelMap
     field for it)."""
     config = backbone.config
     pixels = pixels or _processor_pixel_map(default_image_processor(config.model_type), config.model_type)
-    image_size = image_size or _config_image_size(config) or 224
+    image_size = image_size or config_image_size(config) or 224
     labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
     spec = ModelSpec(
         library="transformers",
@@ -629,15 +398,13 @@ def _create_from_path(path: Path, num_classes, image_size, pretrained: bool, **k
         )
     config = json.loads(config_file.read_text())
     if "architecture" in config:  # timm's Hub layout, as cure-hub exports it
-        from .hub import load_export
-
         return load_export(str(config_file.parent), config, local=True, num_classes=num_classes)
     if "model_type" not in config:
         raise UnknownModelError(f"{config_file} has neither timm's 'architecture' nor transformers' 'model_type'")
     if path.is_dir() and any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
         return from_transformers_pretrained(str(path), num_classes)
     return _create_transformers_from_config(
-        _transformers_config(config.pop("model_type"), num_classes, image_size, {**config, **kwargs}), image_size=image_size
+        transformers_config(config.pop("model_type"), num_classes, image_size, {**config, **kwargs}), image_size=image_size
     )
 
 
@@ -708,3 +475,147 @@ def model_from_spec(spec: ModelSpec, weights: str | os.PathLike | None = None) -
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Exports and Hub ids: reading and writing a RobustClassifier's files
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def load_robust_model(location: str | os.PathLike, revision: str | None = None, weights: str = "last") -> RobustClassifier:
+    """The [0, 1]-input classifier stored at ``location``, in eval mode (as transformers'
+    ``from_pretrained`` returns models): ready for inference, batch-norm statistics frozen.
+
+    ``location`` is a training run folder (``weights`` picks ``last``, ``best`` or ``revision``),
+    an export folder, or a Hub repository id (``revision``: a branch, tag or commit).
+    """
+    return _load_robust_model(str(location), revision, weights).eval()
+
+
+def _load_robust_model(location: str, revision: str | None, weights: str) -> RobustClassifier:
+    path, run = Path(location), RunFolder(location)
+    if run.is_run():
+        weights_file = run.weights_file(weights)
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"run {path} has no {weights!r} weights; it has {run.weights_names()}")
+        return model_from_spec(ModelSpec.from_dict(run.read_model_spec()), weights_file)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is neither a run folder (model_spec.json) nor an export (config.json)")
+        return load_export(str(path), read_json(config_file), local=True)
+    if path.suffix or location.startswith((".", "/")):
+        raise FileNotFoundError(f"no model at {location!r}")
+    config_file = download_from_hub(location, "config.json", revision=revision)
+    return load_export(location, read_json(Path(config_file)), local=False, revision=revision)
+
+
+def download_from_hub(repo_id: str, filename: str, revision: str | None = None) -> str:
+    """``hf_hub_download``, with a missing repository, revision or file, or an unreachable Hub,
+    reported as a ``FileNotFoundError`` that names what was asked for."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local folder, and the Hub could not be reached for it (nor is it in the cache)"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HFValidationError) as err:
+        raise FileNotFoundError(
+            f"no model at {repo_id!r}: not a local file or folder, nor a Hub repository with a {filename}"
+            f"{f' at revision {revision!r}' if revision else ''} ({type(err).__name__})"
+        ) from None
+
+
+def load_export(location: str, config: dict, local: bool, revision: str | None = None,
+                num_classes: int | None = None) -> RobustClassifier:
+    """An export (folder or Hub id) whose ``config.json`` is ``config``; ``num_classes``, when it
+    differs from the export's, gives a new, untrained head. Non-finite weights are refused."""
+    model = _load_export(location, config, local, revision, num_classes)
+    check_finite(model.state_dict(), f"the model at {location!r}")
+    return model
+
+
+def _load_export(location: str, config: dict, local: bool, revision: str | None, num_classes: int | None) -> RobustClassifier:
+    if "architecture" in config:  # timm layout (models.py has registered the CIFAR architectures)
+        import timm
+
+        name = f"local-dir:{location}" if local else f"hf-hub:{location}" + (f"@{revision}" if revision else "")
+        backbone = timm.create_model(name, pretrained=True, num_classes=num_classes)
+        cfg = backbone.pretrained_cfg
+        spec = ModelSpec(
+            library="timm",
+            architecture=config["architecture"],
+            num_classes=backbone.num_classes,
+            image_size=int(cfg["input_size"][-1]),
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            crop_pct=float(cfg.get("crop_pct", 1.0)),
+            model_args=dict(config.get("model_args", {})),
+            label_names=config.get("label_names"),
+            source=None if local else location,
+        )
+        return RobustClassifier(backbone, spec)
+    return from_transformers_pretrained(location, num_classes=num_classes, revision=revision)
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written (a bad run folder, or an output folder in the way)."""
+
+
+def save_pretrained(model: RobustClassifier, folder: str | os.PathLike) -> None:
+    """Write ``model`` in its library's Hub layout (weights and configuration only)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = model.spec
+    if spec.library == "timm":
+        _save_timm(model, folder)
+    else:
+        model.backbone.save_pretrained(folder, safe_serialization=True)
+        _image_processor(spec).save_pretrained(folder)
+
+
+#: Fields of timm's pretrained config that describe the base checkpoint, not the export.
+BASE_CHECKPOINT_FIELDS = ("license", "tag", "hf_hub_id", "hf_hub_filename", "url", "file", "origin_url", "paper_ids",
+                          "paper_name", "notes")
+
+
+def _save_timm(model: RobustClassifier, folder: Path) -> None:
+    from huggingface_hub import save_torch_state_dict
+    from timm.models._hub import save_config_for_hf
+
+    spec = model.spec
+    data_config = {"input_size": (3, spec.image_size, spec.image_size), "mean": tuple(spec.mean), "std": tuple(spec.std),
+                   "crop_pct": spec.crop_pct, "crop_mode": "center"}
+    config_file = folder / "config.json"
+    save_config_for_hf(model.backbone, config_file, model_config={"label_names": list(spec.label_names or [])}, data_config=data_config)
+    config = read_json(config_file)
+    # timm keeps only the arguments its model records (drop_path_rate is lost); transformers' timm
+    # wrapper passes num_classes itself and fails on a second one in model_args.
+    config["model_args"] = {k: v for k, v in {**config.get("model_args", {}), **spec.model_args}.items() if k != "num_classes"}
+    for field in BASE_CHECKPOINT_FIELDS:  # the base checkpoint's, not this model's (the card has its own)
+        config["pretrained_cfg"].pop(field, None)
+    config["label_names"] = list(spec.label_names or [str(i) for i in range(spec.num_classes)])
+    config_file.write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    save_torch_state_dict(state, folder, max_shard_size="50GB")
+
+
+def _image_processor(spec: ModelSpec):
+    """The model type's processor (ViT's where it has none, or where its options cannot express
+    the model's normalisation), checked to give the export the pixels ``spec`` describes."""
+    from transformers import ViTImageProcessor
+
+    target = PixelMap(tuple(spec.mean), tuple(spec.std), spec.channel_order)
+    for processor in filter(None, (default_image_processor(spec.architecture), ViTImageProcessor())):
+        if (configured := processor_applying(processor, target, spec.image_size)) is not None:
+            return configured
+    raise ExportError(
+        f"no image processor for {spec.architecture} can give the model its pixels ({spec.channel_order}, mean {list(spec.mean)}, "
+        f"std {list(spec.std)}): pipeline() would feed it the wrong input"
+    )

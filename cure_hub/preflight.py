@@ -22,7 +22,8 @@ from accelerate import Accelerator
 
 from .config import InputError, OptimConfig, TrainConfig, check_resume_changes, run_folder_of
 from .methods import METHOD_CLASSES, Method
-from .models import check_channels_last_training_on_cpu, loads_pretrained_weights, pretrained_preprocessing
+from .model_configs import loads_pretrained_weights, pretrained_preprocessing
+from .models import check_channels_last_training_on_cpu, download_from_hub
 from .run_folder import RunFolder, file_in_the_way
 from .system import usable_cpu_cores
 
@@ -97,8 +98,6 @@ def resolve_weights_file(location: str) -> str:
             return str(candidate)
     if path.exists():
         raise FileNotFoundError(f"{location!r} holds no weights (weights/last.safetensors or model.safetensors)")
-    from .hub import download_from_hub
-
     try:
         return download_from_hub(location, "model.safetensors")
     except FileNotFoundError as err:

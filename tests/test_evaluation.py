@@ -11,7 +11,8 @@ from cure_hub.cli import main
 from cure_hub.config import DataConfig
 from cure_hub.data import collate, load_eval_split
 from cure_hub.evaluation import evaluate_robustness, gradient_masking_warnings, natural_robustness_ratio, wilson_interval
-from cure_hub.hub import export_run, load_robust_model
+from cure_hub.hub import export_run
+from cure_hub.models import load_robust_model
 
 RESULT_KEYS = {"model", "dataset", "split", "split_examples", "n_examples", "norm", "epsilon", "accuracy", "intervals", "nrr",
                "eps_sweep", "checks", "warnings", "unreliable"}

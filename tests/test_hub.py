@@ -11,8 +11,8 @@ from huggingface_hub import ModelCard
 from cure_hub.cli import main as cli_main
 from cure_hub.config import TrainConfig
 from cure_hub.evaluation import wilson_interval
-from cure_hub.hub import ExportError, export_run, load_robust_model
-from cure_hub.models import RobustClassifier
+from cure_hub.hub import export_run
+from cure_hub.models import ExportError, RobustClassifier, load_robust_model
 from cure_hub.trainer import Trainer
 from hub_server import LOAD_SCRIPT, LoopbackHub, hub_env
 
@@ -338,7 +338,7 @@ def test_transformers_exports_give_pipeline_the_pixels_the_model_saw(model_type,
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
     from cure_hub import create_model
-    from cure_hub.hub import save_pretrained
+    from cure_hub.models import save_pretrained
 
     model = _sensitive(lambda: create_model(model_type, num_classes=3, image_size=32, **PROCESSOR_FAMILIES[model_type]))
     assert model.spec.image_size == 32
@@ -360,7 +360,7 @@ def test_a_checkpoint_is_fine_tuned_on_the_pixels_its_own_processor_gives(model_
     from transformers import AutoModelForImageClassification
 
     from cure_hub import create_model
-    from cure_hub.models import default_image_processor
+    from cure_hub.model_configs import default_image_processor
 
     fields = PROCESSOR_FAMILIES.get(model_type, {})
     tiny = _sensitive(lambda: create_model(model_type, num_classes=3, image_size=32, **fields))
@@ -379,7 +379,7 @@ def test_an_export_whose_pixels_no_processor_can_give_is_refused(tmp_path):
     import dataclasses
 
     from cure_hub import RobustClassifier, create_model
-    from cure_hub.hub import ExportError, save_pretrained
+    from cure_hub.models import ExportError, save_pretrained
 
     vit = create_model("vit", num_classes=3, image_size=32, **PROCESSOR_FAMILIES["vit"])
     reversed_vit = RobustClassifier(vit.backbone, dataclasses.replace(vit.spec, channel_order="BGR"))  # ViT's processor cannot flip
@@ -389,7 +389,7 @@ def test_an_export_whose_pixels_no_processor_can_give_is_refused(tmp_path):
 
 def test_timm_export_keeps_every_build_argument_and_none_of_the_base_checkpoints_metadata(tmp_path):
     from cure_hub import create_model, load_robust_model
-    from cure_hub.hub import save_pretrained
+    from cure_hub.models import save_pretrained
 
     model = create_model("vit_tiny", num_classes=3, image_size=32, depth=2, drop_path_rate=0.1)
     save_pretrained(model, tmp_path / "export")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from cure_hub.cli import main
-from cure_hub.hub import load_robust_model
+from cure_hub.models import load_robust_model
 from cure_hub.interpolation import (
     batch_norm_layers,
     interpolate_state,

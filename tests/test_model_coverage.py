@@ -60,8 +60,8 @@ def test_every_transformers_types_export_processor_gives_the_pixels_of_its_own()
     """For every model type, the processor an export gets applies the colour map of the type's own
     processor (reversed channels and doubled divisions included), so no export is refused or
     mis-fed for its type's defaults (PP-LCNet normalises before it reverses the channels)."""
-    from cure_hub.hub import _image_processor
-    from cure_hub.models import ModelSpec, _processor_pixel_map, default_image_processor
+    from cure_hub.model_configs import default_image_processor
+    from cure_hub.models import ModelSpec, _image_processor, _processor_pixel_map
     from cure_hub.preprocessing import pixel_map
 
     for model_type in model_names("transformers"):

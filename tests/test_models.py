@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cure_hub
-from cure_hub.models import CheckpointMismatchError, UnknownModelError, choose_patch_size
+from cure_hub.model_configs import choose_patch_size
+from cure_hub.models import CheckpointMismatchError, UnknownModelError
 
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 
@@ -133,9 +134,9 @@ def test_transformers_config_json_path(tmp_path):
 
 
 def test_aliases_shadow_no_library_name():
-    from cure_hub.models import MODEL_ALIASES, _transformers_model_types
+    from cure_hub.model_configs import MODEL_ALIASES, transformers_model_types
 
-    assert not [alias for alias in MODEL_ALIASES if timm.is_model(alias) or alias in _transformers_model_types()]
+    assert not [alias for alias in MODEL_ALIASES if timm.is_model(alias) or alias in transformers_model_types()]
     assert cure_hub.create_model("convnext", num_classes=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2).spec.library == "transformers"
 
 

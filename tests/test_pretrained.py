@@ -14,7 +14,7 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from cure_hub.hub import load_robust_model
+from cure_hub.models import load_robust_model
 from cure_hub.methods.cure import SHARDING_ENGINES
 from cure_hub.preflight import check_engine_supports
 from hub_server import LoopbackHub, hub_env

@@ -13,7 +13,7 @@ import yaml
 from cure_hub.arguments import parse_train_config
 from cure_hub.cli import main as cli_main
 from cure_hub.config import METHODS, InputError, TrainConfig
-from cure_hub.hub import load_robust_model
+from cure_hub.models import load_robust_model
 from cure_hub.methods.base import unwrap
 from cure_hub.plots import write_plots
 from cure_hub.system import usable_cpu_cores

@@ -34,7 +34,8 @@ from torch.autograd.profiler import record_function
 from ..attacks import module_mode
 from ..config import InputError, TrainConfig
 from ..losses import kl_divergence
-from ..models import HeadNotFoundError, has_pretrained_weights, loads_pretrained_weights
+from ..model_configs import has_pretrained_weights, loads_pretrained_weights
+from ..models import HeadNotFoundError
 from .base import MAIN_LOSS, REGULARISER, Method, StepOutput, accuracy, unwrap
 
 
