@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 import cure_hub
-from cure_hub.config import METHODS, AttackConfig, MethodConfig
+from cure_hub.config import AttackConfig, MethodConfig
+from cure_hub.method_registry import METHOD_CLASSES
 from cure_hub.methods import build_method, compile_for_training
 from cure_hub.models import check_channels_last_training_on_cpu
 from cure_hub.system import keep_freed_heap_memory
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--attack-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps per method (median reported).")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHOD_CLASSES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="Train under bf16 autocast, as --mixed-precision bf16 does.")
     parser.add_argument("--quick", action="store_true", help="Width 16, 3 repeats: under a minute on 2 cores.")

@@ -1,5 +1,6 @@
 """cure-hub: adversarially robust fine-tuning (CURE) for timm and Hugging Face vision models."""
 
+from . import methods  # noqa: F401  (registers the training methods that configs name)
 from .config import AttackConfig, DataConfig, MethodConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from .hub import export_run, push_to_hub
 from .models import ModelSpec, RobustClassifier, create_model, load_robust_model

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from .method_registry import METHOD_CLASSES
 from .run_folder import RunFolder
 
 #: The weights a training run writes (``RUN/weights/<name>.safetensors``), and what each is.
@@ -92,7 +93,8 @@ def _check_choices(config) -> None:
     for field in dataclasses.fields(config):
         choices = field.metadata.get("choices")
         value = getattr(config, field.name)
-        _check(choices is None or value in choices, f"{field.name} must be one of {choices}, got {value!r}")
+        if choices is not None:
+            _check(value in choices, f"{field.name} must be one of {tuple(choices)}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -197,12 +199,6 @@ class AttackConfig:
         _check_choices(self)
 
 
-METHODS = ("standard", "pgd_at", "trades", "mart", "cure")
-
-#: The KL weight each method uses when ``beta`` is not set: TRADES and MART as their papers'
-#: CIFAR-10 settings, CURE as the literal reading of its Eq. 5 (the paper recipes set 5, see docs/cure.md).
-DEFAULT_BETA = {"trades": 6.0, "mart": 6.0, "cure": 1.0}
-
 #: ``--cure-settings``: every switch of one reference at once, as recipe sections (docs/cure.md,
 #: "Differences from the official code"). A key that a recipe or a flag sets keeps that value.
 CURE_SETTINGS = {
@@ -226,7 +222,7 @@ CURE_SETTINGS = {
 class MethodConfig:
     """The training method and its hyper-parameters (those of other methods are ignored)."""
 
-    method: str = dataclasses.field(default="cure", metadata={"help": "Training method.", "choices": METHODS})
+    method: str = dataclasses.field(default="cure", metadata={"help": "Training method.", "choices": METHOD_CLASSES})
     cure_settings: str = dataclasses.field(
         default="default",
         metadata={"help": "CURE's switches all at once: 'default' (cure-hub's, each chosen by measurement: docs/cure.md), "
@@ -292,7 +288,7 @@ class MethodConfig:
         _check_choices(self)
         _check(self.mask_interval >= 1, f"mask_interval must be >= 1, got {self.mask_interval}")
         if self.beta is None:
-            self.beta = DEFAULT_BETA.get(self.method, 0.0)
+            self.beta = METHOD_CLASSES[self.method].default_beta
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         _check(0 <= self.percentile < 100, f"percentile (p) must be in [0, 100), got {self.percentile}")
         if self.method == "cure" and self.revision_mode == "eval" and self.revision_buffers == "keep":

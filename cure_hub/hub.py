@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .config import WEIGHT_CHOICES
 from .evaluation import ATTACKS, INTERVAL_METHOD, NORM_NAMES, wilson_interval
+from .method_registry import METHOD_CLASSES
 from .models import ExportError, ModelSpec, check_finite, load_robust_model, read_json, save_pretrained
 from .run_folder import RunFolder
 from .system import default_file_mode, process_umask
@@ -68,17 +69,6 @@ def _eval_results_from_run(run: Path, weights: str, config: dict) -> dict:
         "warnings": [] if accuracy else [f"no evaluation of the {weights} weights was recorded during training"],
         "source": "evaluation during training",
     }
-
-
-def _cure_settings_text(method: dict) -> str:
-    """Every switch of a CURE run, and the preset they came from (``--cure-settings``)."""
-    warmup = ", warm-up min(1 − 1/(t+2), d)" if method.get("revision_warmup") else ""
-    return (f"p = {method['percentile']}, α = {method['alpha']}, γ = {method['gamma']}, β = {method['beta']}, "
-            f"r = {method['revision_rate']} ({method['revision_rate_schedule']}), d = {method['revision_decay']}{warmup}; "
-            f"RGP on {'the TRADES KL' if method.get('rgp_adversarial_loss') == 'kl' else 'CE'} of x_adv"
-            f"{', signed' if method.get('rgp_signed') else ''}, mask scope {method.get('mask_scope')}; revision model in "
-            f"{method.get('revision_mode')} mode, buffers {method.get('revision_buffers')}; "
-            f"settings: {method.get('cure_settings', 'default')} (`--cure-settings`)")
 
 
 def _epsilon_text(epsilon: float) -> str:
@@ -175,12 +165,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         model_name=name,
         eval_results=eval_results,
     )
-    method_config = config["method"]
-    method_settings = {
-        "cure": _cure_settings_text(method_config),
-        "trades": f"β = {method_config['beta']}",
-        "mart": f"β = {method_config['beta']}",
-    }.get(method, "")
+    method_class = METHOD_CLASSES[method]
     attack = config["attack"]
     optim = config["optim"]
     n = results["n_examples"] or 0
@@ -191,9 +176,8 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         repo_id=repo_id or f"<your-username>/{name}",  # `cure-hub push` renders the card again with the real id
         architecture=spec.architecture,
         architecture_description=f"`{spec.architecture}` ({spec.library}, {spec.num_classes} classes)",
-        method_title={"cure": "CURE (Conserve-Update-Revise, ICLR 2024)", "trades": "TRADES", "mart": "MART",
-                      "pgd_at": "PGD adversarial training", "standard": "standard (non-adversarial) training"}[method],
-        method_settings=method_settings,
+        method_title=method_class.title,
+        method_settings=method_class.card_settings(config["method"]),
         dataset=dataset,
         split=results["split"],
         image_size=spec.image_size,

@@ -4,12 +4,13 @@ import re
 import pytest
 import torch
 
-from cure_hub.config import METHODS, AttackConfig, MethodConfig
-from cure_hub.methods import METHOD_CLASSES, build_method
+from cure_hub.config import AttackConfig, InputError, MethodConfig, TrainConfig
+from cure_hub.method_registry import register_method
+from cure_hub.methods import METHOD_CLASSES, TRADES, build_method
 from helpers import robust_vs_fragile_task, tiny_model
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", METHOD_CLASSES)
 def test_every_method_trains_a_few_steps_with_finite_losses(name):
     model = tiny_model()
     images, labels = robust_vs_fragile_task(16)
@@ -27,8 +28,28 @@ def test_every_method_trains_a_few_steps_with_finite_losses(name):
         assert all(math.isfinite(v.item()) and not v.requires_grad for v in metrics.values())
 
 
-def test_method_registry_and_attack_starts():
-    assert set(METHOD_CLASSES) == set(METHODS)
+def test_a_method_is_its_class_and_one_registration():
+    """Registered once, a method is a --method choice, gets its default beta and its card title; a
+    name registered twice is refused."""
+    assert list(METHOD_CLASSES) == ["standard", "pgd_at", "trades", "mart", "cure"]
+    assert [MethodConfig(method=name).beta for name in METHOD_CLASSES] == [0.0, 0.0, 6.0, 6.0, 1.0]
+    with pytest.raises(InputError, match="method must be one of \\('standard', 'pgd_at', 'trades', 'mart', 'cure'\\), got 'trades_awp'"):
+        MethodConfig(method="trades_awp")
+
+    class TradesAWP(TRADES):
+        name, title, default_beta = "trades_awp", "TRADES-AWP", 6.5
+
+    register_method(TradesAWP)
+    try:
+        config = TrainConfig.from_dict({"method": {"method": "trades_awp"}})
+        assert config.method.beta == 6.5 and isinstance(build_method(config.method, config.attack), TradesAWP)
+        with pytest.raises(ValueError, match="two methods are named 'trades_awp': TradesAWP and Other"):
+            register_method(type("Other", (TRADES,), {"name": "trades_awp"}))
+    finally:
+        del METHOD_CLASSES["trades_awp"]
+
+
+def test_attack_starts():
     assert build_method(MethodConfig(method="pgd_at"), AttackConfig()).attack.random_start == "uniform"
     assert build_method(MethodConfig(method="trades"), AttackConfig()).attack.random_start == "normal"
     assert build_method(MethodConfig(method="pgd_at"), AttackConfig(random_start="none")).attack.random_start == "none"

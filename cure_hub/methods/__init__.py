@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ..config import AttackConfig, MethodConfig
+from ..method_registry import METHOD_CLASSES, register_method
 from .base import Method, StepOutput
 from .cure import CURE
 from .mart import MART
@@ -11,7 +12,9 @@ from .pgd_at import PGDAdversarialTraining
 from .standard import StandardTraining
 from .trades import TRADES
 
-METHOD_CLASSES: dict[str, type[Method]] = {cls.name: cls for cls in (StandardTraining, PGDAdversarialTraining, TRADES, MART, CURE)}
+# The one registration of each method (a new method: its file, and its class here).
+for method_class in (StandardTraining, PGDAdversarialTraining, TRADES, MART, CURE):
+    register_method(method_class)
 
 
 def build_method(config: MethodConfig, attack: AttackConfig) -> Method:

@@ -54,6 +54,10 @@ class Method:
     """
 
     name: ClassVar[str]
+    #: What the model card calls the method.
+    title: ClassVar[str]
+    #: ``beta`` when the method config leaves it unset (methods without a KL term ignore it).
+    default_beta: ClassVar[float] = 0.0
     #: The attack's random start when the attack config leaves it unset.
     default_random_start: ClassVar[str] = "normal"
     #: Whether the method differentiates through a retained graph (see :func:`compile_for_training`).
@@ -97,6 +101,12 @@ class Method:
         """Warnings about the method's settings over a run of ``total_steps`` of its steps."""
         return []
 
+    # ---- the model card (cure_hub.hub) --------------------------------------------------------
+    @classmethod
+    def card_settings(cls, method: dict) -> str:
+        """The method's settings as the model card gives them, from the run's ``method`` section."""
+        return ""
+
     # ---- training ----------------------------------------------------------------------------
     def setup(self, model: nn.Module, total_steps: int, seed: int = 0) -> None:
         """Called once before training with the (unwrapped) model and the number of optimiser steps."""
@@ -136,6 +146,12 @@ class CleanAndAdversarialMethod(Method):
     ``attack_loss`` attack."""
 
     attack_loss: ClassVar[AttackLoss]
+    #: TRADES's and MART's CIFAR-10 settings.
+    default_beta = 6.0
+
+    @classmethod
+    def card_settings(cls, method: dict) -> str:
+        return f"β = {method['beta']}"
 
     @staticmethod
     def terms(clean_logits, adv_logits, labels) -> tuple[torch.Tensor, torch.Tensor]:

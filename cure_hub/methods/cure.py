@@ -211,11 +211,25 @@ def masked_parameter_names(model: nn.Module, scope: str, include=None, exclude=(
 
 class CURE(Method):
     name = "cure"
+    title = "CURE (Conserve-Update-Revise, ICLR 2024)"
+    #: The literal reading of Eq. 5 (the paper recipes set the official code's 5: docs/cure.md).
+    default_beta = 1.0
     retains_graph = True  # the RGP gradients of both branches come from one graph (_grads)
     collapse_advice = (
         "L_CR pulls the model towards a revision model that is still mostly its natural start (a fixed decay d near 1 "
         "over a short run): add --revision-warmup (the official code's decay warm-up), or raise --revision-rate and "
         "lower --revision-decay, or lower --lr or --gamma")
+
+    @classmethod
+    def card_settings(cls, method: dict) -> str:
+        """Every switch of a CURE run, and the preset they came from (``--cure-settings``)."""
+        warmup = ", warm-up min(1 − 1/(t+2), d)" if method.get("revision_warmup") else ""
+        return (f"p = {method['percentile']}, α = {method['alpha']}, γ = {method['gamma']}, β = {method['beta']}, "
+                f"r = {method['revision_rate']} ({method['revision_rate_schedule']}), d = {method['revision_decay']}{warmup}; "
+                f"RGP on {'the TRADES KL' if method.get('rgp_adversarial_loss') == 'kl' else 'CE'} of x_adv"
+                f"{', signed' if method.get('rgp_signed') else ''}, mask scope {method.get('mask_scope')}; revision model in "
+                f"{method.get('revision_mode')} mode, buffers {method.get('revision_buffers')}; "
+                f"settings: {method.get('cure_settings', 'default')} (`--cure-settings`)")
 
     # ---- checks before training -----------------------------------------------------------------
     @classmethod

@@ -7,5 +7,6 @@ from .base import CleanAndAdversarialMethod
 
 class MART(CleanAndAdversarialMethod):
     name = "mart"
+    title = "MART"
     attack_loss = "ce"
     terms = staticmethod(mart_terms)

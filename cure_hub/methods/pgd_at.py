@@ -7,6 +7,7 @@ from .base import Method, StepOutput, accuracy
 
 class PGDAdversarialTraining(Method):
     name = "pgd_at"
+    title = "PGD adversarial training"
     default_random_start = "uniform"
 
     def compute_loss(self, model, images, labels) -> StepOutput:

@@ -7,6 +7,7 @@ from .base import Method, StepOutput, accuracy
 
 class StandardTraining(Method):
     name = "standard"
+    title = "standard (non-adversarial) training"
     adversarial = False
 
     def compute_loss(self, model, images, labels) -> StepOutput:

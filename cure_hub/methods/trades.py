@@ -7,5 +7,6 @@ from .base import CleanAndAdversarialMethod
 
 class TRADES(CleanAndAdversarialMethod):
     name = "trades"
+    title = "TRADES"
     attack_loss = "kl"
     terms = staticmethod(trades_terms)
