@@ -69,6 +69,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = None
+        self._made_from: Path | None = None  # the outermost folder claim() made, if it made any
 
     @property
     def checkpoints(self) -> Path:
@@ -127,6 +128,7 @@ class RunFolder:
         operating system has no ``flock`` (Windows) nothing is held."""
         if self._lock is not None:
             return
+        self._made_from = next((folder for folder in [*reversed(self.path.parents), self.path] if not folder.exists()), None)
         self.path.mkdir(parents=True, exist_ok=True)
         lock = open(self.path / LOCK, "a+")
         if fcntl is not None:
@@ -146,11 +148,22 @@ class RunFolder:
         self._lock = lock
 
     def release(self) -> None:
-        """Stop being the folder's writer (the lock file stays: removing it would let two writers
-        lock two different files)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Stop being the folder's writer. The lock file stays (removing it would let two writers
+        lock two different files), unless it is all there is in folders that claim() made: a run
+        refused before writing anything leaves no folder behind."""
+        if self._lock is None:
+            return
+        if self._made_from is not None and [p.name for p in self.path.iterdir()] == [LOCK]:
+            (self.path / LOCK).unlink()
+            for folder in [self.path, *self.path.parents]:
+                try:
+                    folder.rmdir()
+                except OSError:  # something else was put there meanwhile: it stays
+                    break
+                if folder == self._made_from:
+                    break
+        self._lock.close()
+        self._lock = None
 
     def clear_outputs(self) -> None:
         """Remove an earlier run's outputs, and nothing else in the folder (--overwrite-output-dir)."""
