@@ -12,18 +12,26 @@ and weights that are not finite are never written.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
 from .config import InputError
 from .run_folder import RunFolder
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PREFIX = "step_"
 PROCESS_STATE_FILE = "process_state_{}.pt"
+#: What every checkpoint holds besides its per-process files (Accelerate's names).
+SHARED_FILES = ("model.safetensors", "optimizer.bin")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -66,6 +74,38 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob(f"{CHECKPOINT_PREFIX}[0-9]*[0-9]"))
 
 
+def checkpoint_damage(location: Path, process_index: int) -> str | None:
+    """What is missing or cut short in the checkpoint ``location``, as the process ``process_index``
+    needs it (``None``: whole). Structural, without loading a tensor: every file is there, every
+    safetensors file as long as its header says, every torch/pickle file a whole zip archive (its
+    directory sits at the end, so a file cut short has none)."""
+    needed = [*SHARED_FILES, f"random_states_{process_index}.pkl", PROCESS_STATE_FILE.format(process_index)]
+    if missing := [name for name in needed if not (location / name).is_file()]:
+        return f"it has no {', '.join(missing)}"
+    for path in sorted(location.iterdir()):
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                try:
+                    header = json.loads(f.read(header_size))
+                except ValueError:
+                    return f"{path.name} is cut short (no whole header)"
+            length = 8 + header_size + max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+                                           default=0)
+            if path.stat().st_size != length:
+                return f"{path.name} is {path.stat().st_size} bytes where its header says {length}"
+        elif path.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(path):
+            return f"{path.name} is cut short or damaged (not a whole archive)"
+    return None
+
+
+def holds_finite_weights(location: Path) -> bool:
+    """Whether the checkpoint ``location`` is whole and its model's weights and buffers are all finite."""
+    if checkpoint_damage(location, 0) is not None:
+        return False
+    return all(bool(torch.isfinite(tensor).all()) for tensor in load_file(location / SHARED_FILES[0]).values())
+
+
 class Checkpointer:
     """Saves and restores the training state of every process in ``folder`` (a run's
     ``checkpoints``), keeping the newest ``keep``."""
@@ -96,15 +136,17 @@ class Checkpointer:
         return final
 
     def restore(self, location: str | os.PathLike, state: TrainingState) -> tuple[Path, dict]:
-        """Loads the checkpoint ``location`` (or the newest one of the run folder ``location``) into
-        Accelerate's registered objects, ``state`` among them; returns where it was and this
-        process's own state."""
+        """Loads the checkpoint ``location`` (or the newest whole one of the run folder ``location``)
+        into Accelerate's registered objects, ``state`` among them; returns where it was and this
+        process's own state. A damaged checkpoint (:func:`checkpoint_damage`, judged by every
+        process alike) is passed over for the one before it, with a warning; named, it is refused."""
         location = Path(location)
-        if not (location / "random_states_0.pkl").exists():
-            found = complete_checkpoints(RunFolder(location).checkpoints)
-            if not found:
-                raise FileNotFoundError(f"no checkpoint in {location} (expected checkpoints/{CHECKPOINT_PREFIX}*)")
-            location = found[-1]
+        if location.name.startswith(CHECKPOINT_PREFIX) or (location / "random_states_0.pkl").exists():
+            if damage := self._damage(location):
+                raise InputError(f"cannot resume from {location}: {damage}. Resume from the run folder to use its newest "
+                                 f"whole checkpoint, or name an older one")
+        else:
+            location = self._newest_whole_checkpoint(location)
         accelerator = self.accelerator
         accelerator.load_state(str(location))
         if state.num_processes != accelerator.num_processes:
@@ -115,6 +157,26 @@ class Checkpointer:
         process_file = location / PROCESS_STATE_FILE.format(accelerator.process_index)
         return location, torch.load(process_file, map_location="cpu", weights_only=True)
 
+    def _damage(self, location: Path) -> str | None:
+        """:func:`checkpoint_damage` as every process judges it: a checkpoint damaged for one is damaged for all."""
+        damage = checkpoint_damage(location, self.accelerator.process_index)
+        if self.accelerator.num_processes > 1:
+            damaged = torch.tensor(float(damage is not None), device=self.accelerator.device)
+            if self.accelerator.reduce(damaged, reduction="sum").item() and damage is None:
+                damage = "another process's part of it is damaged (that process's log says which)"
+        return damage
+
+    def _newest_whole_checkpoint(self, run: Path) -> Path:
+        found = complete_checkpoints(RunFolder(run).checkpoints)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint in {run} (expected checkpoints/{CHECKPOINT_PREFIX}*)")
+        for location in reversed(found):
+            if (damage := self._damage(location)) is None:
+                return location
+            logger.warning("passing over the checkpoint %s: %s (a full disk, or a copy cut short?)", location, damage)
+        raise InputError(f"every checkpoint of {run} is damaged (the oldest, {location.name}: {damage}); "
+                         "start the run again with --overwrite-output-dir")
+
     def check_finite(self, model: torch.nn.Module, step: int, lr: float) -> None:
         """Refuse to go on with weights that are NaN or infinite."""
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
@@ -122,8 +184,8 @@ class Checkpointer:
             raise TrainingDivergedError(self.divergence_message("the weights are", step, lr))
 
     def divergence_message(self, what: str, step: int, lr: float) -> str:
-        found = complete_checkpoints(self.folder)
-        last = f"the last finite checkpoint is {found[-1]}" if found else "no checkpoint was written"
+        finite = next((c for c in reversed(complete_checkpoints(self.folder)) if holds_finite_weights(c)), None)
+        last = f"the newest checkpoint with finite weights is {finite}" if finite else "no checkpoint with finite weights was written"
         return (
             f"training diverged at step {step + 1}: {what} not finite (NaN or inf). Nothing was exported; "
             f"{last}. Lower the learning rate (--lr, now {lr:g}) or check the data and the starting weights."

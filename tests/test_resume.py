@@ -97,6 +97,42 @@ def test_a_copied_run_resumes_where_it_is_bitwise_equal(reference, tmp_path):
     assert "output_dir: branch" in (branch / "config.yaml").read_text()
 
 
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_whole_one_before_it(reference, tmp_path):
+    """A checkpoint file cut short (a full disk, a copy cut short) ended resume in a traceback naming
+    no file. Resume now finds the damage before loading anything, says which file, and continues
+    from the newest whole checkpoint, bitwise equal; named by itself, the damaged one is refused."""
+    output = tmp_path / "run"
+    killed = run([FAULT_RUN, "step:19", *FLAGS, "--output-dir", str(output)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    newest = output / "checkpoints" / "step_0000018"
+    state = newest / "process_state_0.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    named = run([TRAIN, "--resume-from", str(newest)])
+    assert named.returncode == 2 and "Traceback" not in named.stderr, named.stderr[-3000:]
+    assert f"cannot resume from {newest}: process_state_0.pt is cut short or damaged (not a whole archive)" in named.stderr
+    resumed = run([TRAIN, "--resume-from", str(output)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"passing over the checkpoint {newest}: process_state_0.pt is cut short or damaged" in resumed.stderr
+    assert f"resumed from {output / 'checkpoints' / 'step_0000016'} at step 16" in resumed.stderr
+    assert_same_run(output, reference)
+
+
+def test_the_divergence_message_names_a_checkpoint_whose_weights_are_finite(tmp_path):
+    """The message named the newest checkpoint as "the last finite" even when its weights held a NaN."""
+    from accelerate import Accelerator
+
+    from cure_hub.checkpoints import Checkpointer
+
+    for step, value in ((3, 1.0), (6, math.nan)):
+        folder = tmp_path / "checkpoints" / f"step_{step:07d}"
+        folder.mkdir(parents=True)
+        save_file({"weight": torch.full((2,), value)}, folder / "model.safetensors")
+        for name in ("optimizer.bin", "random_states_0.pkl", "process_state_0.pt"):
+            torch.save({}, folder / name)
+    message = Checkpointer(Accelerator(cpu=True), tmp_path / "checkpoints", keep=2).divergence_message("the loss is", 7, 0.1)
+    assert f"the newest checkpoint with finite weights is {tmp_path / 'checkpoints' / 'step_0000003'}." in message
+
+
 def test_channels_last_run_killed_resumes_bitwise_equal(tmp_path):
     """--channels-last: weights, momentum and revision model in that layout go through a checkpoint
     and come back as they were."""
