@@ -243,8 +243,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
                interpolate: float | None = None) -> Path:
     """Export a training run as a Hub-ready folder: weights, config, model card, results.
 
-    Written to a temporary folder beside ``out_dir`` and renamed into place, so ``out_dir`` is
-    either absent or complete. A non-empty ``out_dir`` is refused unless ``overwrite``. With
+    Written to a temporary folder beside ``out_dir`` and renamed into place (an earlier export
+    renamed aside first, then removed), so ``out_dir`` is either absent or complete. A non-empty ``out_dir`` is refused unless ``overwrite``. With
     ``interpolate`` (λ), the model is θ(λ) between the run's start and ``weights``
     (:mod:`cure_hub.interpolation`), evaluated by the run's ``cure-hub tradeoff`` curve.
     """
@@ -276,6 +276,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     staging.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 would make the export private to its writer
+    earlier = None
     try:
         save_pretrained(model, staging)
         (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
@@ -289,12 +290,19 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         model_card(staging, repo_id, name=run.resolve().name if out.name == "export" else out.name).save(staging / "README.md")
         for file in staging.iterdir():  # safetensors writes its files private (0o600): readable as every other file
             file.chmod(default_file_mode())
+        # An earlier export is set aside, not deleted in place: at every moment `out` is one whole
+        # export, and what a kill leaves aside carries the partial prefix the next export sweeps.
         if out.exists():
-            shutil.rmtree(out)
+            earlier = staging.with_name(staging.name + ".replaced")
+            os.replace(out, earlier)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if earlier and not out.exists():  # the new export did not go in: the earlier one goes back
+            os.replace(earlier, out)
         raise
+    if earlier:
+        shutil.rmtree(earlier)
     return out
 
 

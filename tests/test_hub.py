@@ -178,6 +178,38 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_partial(runs, tmp_
     assert set(entry) <= set(ROBUSTBENCH_MODEL_INFO) | {"unreliable"}
 
 
+KILLED_WHILE_REMOVING = """
+import os, shutil, signal, sys
+from cure_hub.hub import export_run
+
+rmtree = shutil.rmtree
+
+def rmtree_killed_half_way(path, *args, **kwargs):  # kill -9 after the first file of an export is gone
+    if os.path.isfile(os.path.join(path, "training_config.json")):
+        os.remove(os.path.join(path, "README.md"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rmtree(path, *args, **kwargs)
+
+shutil.rmtree = rmtree_killed_half_way
+export_run(sys.argv[1], sys.argv[2], weights="revision", overwrite=True)
+"""
+
+
+def test_export_overwrite_killed_while_removing_the_earlier_export_leaves_one_whole_export(runs, tmp_path):
+    """The earlier export was deleted in place, so a kill could leave it without its card (which
+    load_robust_model and eval accepted). It is renamed aside first: a kill leaves the new export whole."""
+    export = tmp_path / "export"
+    export_run(runs["cifar"], export)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_REMOVING, str(runs["cifar"]), str(export)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (export / "README.md").is_file(), sorted(p.name for p in export.iterdir())
+    assert json.loads((export / "training_config.json").read_text())["weights"] == "revision"
+    load_robust_model(export)
+    export_run(runs["cifar"], export, overwrite=True)  # sweeps what the kill left aside
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
 # The fields of RobustBench's ModelInfo (robustbench/utils.py, RobustBench/robustbench on GitHub);
 # the leaderboard's files add "unreliable" (model_info/cifar10/Linf/Xu2023Exploring_WRN-28-10.json).
 ROBUSTBENCH_MODEL_INFO = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
