@@ -33,5 +33,8 @@ def exit_code_of(command: str, run: Callable[[], int]) -> int:
     try:
         return run()
     except user_errors() as err:  # evaluated only when something is raised: imports stay lazy
-        print(f"{command}: error: {err}", file=sys.stderr)
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its own message is the last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"{command}: error: {message}", file=sys.stderr)
         return 2

@@ -293,6 +293,7 @@ def _prepare_split(dataset, split: str, label_column: str, num_classes: int, sub
             f"the {split} split has {len(outside)} labels outside the {num_classes} training classes: {found}. "
             "An unlabelled split (label -1)? Name a labelled one with --eval-split (or --split)."
         )
+    dataset = transform.undecoded(dataset)
     if subset:
         if subset > len(labels):
             raise InputError(f"{subset_flag} {subset} is larger than the {split} split ({len(labels)} examples)")
@@ -351,20 +352,42 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def decode_image(value) -> Image.Image:
+    """An image column's value (a file's path and bytes, or an image already decoded) as an image,
+    decoded by the datasets library; a file that cannot be read (cut short, not an image) is
+    refused naming it."""
+    import datasets
+
+    if isinstance(value, Image.Image):  # a stream's, decoded as it was read
+        return value
+    try:
+        return datasets.Image().decode_example(value)
+    except (OSError, SyntaxError, ValueError) as err:  # what Pillow raises for a damaged file
+        raise InputError(f"cannot read {value.get('path') or 'an image stored in the dataset'}: {err}. "
+                         "Remove or replace the file") from err
+
+
 class _ToTensors:
     """Batched transform: images to uint8 CHW RGB tensors of ``image_size`` (when given), labels to
     ints. An image larger than ``image_size`` is resized to a shortest edge of ``image_size /
     crop_pct`` and centre-cropped, as timm's and transformers' evaluation transforms do; a smaller
-    one (CIFAR's 32 px for a 224-px model) is resized whole: it has no border to spare."""
+    one (CIFAR's 32 px for a 224-px model) is resized whole: it has no border to spare. Images
+    are decoded here (:func:`decode_image`), where a damaged file can be named."""
 
     def __init__(self, image_column: str, label_column: str, image_size: int | None, crop_pct: float = 1.0):
         self.image_column, self.label_column = image_column, label_column
         self.image_size, self.crop_pct = image_size, crop_pct
 
+    def undecoded(self, dataset):
+        """``dataset`` with its images left as files (path and bytes) for this transform to decode."""
+        import datasets
+
+        return dataset.cast_column(self.image_column, datasets.Image(decode=False))
+
     def __call__(self, batch: dict) -> dict:
         images = []
-        for img in batch[self.image_column]:
-            img = to_rgb(img)
+        for value in batch[self.image_column]:
+            img = to_rgb(decode_image(value))
             size = self.image_size
             if size and min(img.size) > size:
                 scale = size / self.crop_pct / min(img.size)

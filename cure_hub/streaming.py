@@ -70,7 +70,7 @@ def load_streamed_data(config: DataConfig, process_index: int = 0, num_processes
     if first is None:
         raise InputError(f"the {train_name} split is empty; choose another split")
     image_size = config.image_size or to_tensors({image_column: [first[image_column]], label_column: [0]})["image"][0].shape[-1]
-    stream = train.shuffle(seed=config.subset_seed, buffer_size=config.shuffle_buffer)
+    stream = to_tensors.undecoded(train).shuffle(seed=config.subset_seed, buffer_size=config.shuffle_buffer)
     stream = split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
     info = train.info.splits.get(train_name) if train.info and train.info.splits else None
     logger.info("streaming %s/%s (%s examples, %d shards) through a buffer of %d; evaluating on the first %d of %s",

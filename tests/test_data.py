@@ -227,3 +227,29 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped_and_float_image
         to_rgb(Image.fromarray(rng.random((8, 8), dtype=np.float32)))
     with pytest.raises(InputError, match="an image of mode 'I' holds values in \\[0, 70000\\], outside 16 bits"):
         to_rgb(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))
+
+
+def test_an_image_file_cut_short_is_named_in_one_line(tmp_path, capsys):
+    """A truncated JPEG in an image folder ended training in 28 frames naming no file: it is named,
+    in one line, from the main process or from a loader worker."""
+    from torch.utils.data import DataLoader
+
+    from cure_hub.console import exit_code_of
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / "jpegs" / split / label).mkdir(parents=True)
+            for index in range(4):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "jpegs" / split / label / f"{index}.jpg")
+    cut = tmp_path / "jpegs" / "train" / "b" / "2.jpg"
+    cut.write_bytes(cut.read_bytes()[:300])
+    data = load_data(DataConfig(dataset=str(tmp_path / "jpegs"), image_size=16))
+    capsys.readouterr()  # the datasets library's progress bars
+    with pytest.raises(InputError, match=f"cannot read {cut}: .*Remove or replace the file"):
+        [example["image"] for example in data.train]
+    for workers in (0, 1):
+        loader = DataLoader(data.train, batch_size=4, num_workers=workers, collate_fn=collate)
+        assert exit_code_of("cure-hub train", lambda: len(list(loader))) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"cure-hub train: error: cannot read {cut}: ") and error.count("\n") == 1, error
