@@ -16,6 +16,7 @@ Beside the weights: ``README.md`` (the model card), ``eval_results.json``,
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -399,7 +400,55 @@ def rerender_card(folder: str | os.PathLike, eval_results: str | os.PathLike | N
 # Push
 
 class HubPushError(RuntimeError):
-    """The push was refused before anything was uploaded."""
+    """A push refused before anything was uploaded, or one the Hub or the network stopped: what
+    happened, where, and what to do."""
+
+
+#: The classes of a failed connection, by name: httpx's, requests' and Python's own.
+NETWORK_ERRORS = ("TransportError", "ConnectionError", "Timeout", "TimeoutException", "TimeoutError")
+
+
+def _failed_request(err: Exception) -> str:
+    """``METHOD URL`` of the request ``err`` (an HTTP or a connection error) failed on, if it tells."""
+    with contextlib.suppress(Exception):  # httpx raises when asked for a request it does not hold
+        request = err.response.request if getattr(err, "response", None) is not None else err.request
+        return f"{request.method} {request.url}"
+    return "a request"
+
+
+@contextlib.contextmanager
+def hub_faults(repo_id: str, revision: str | None, retry: str):
+    """What the Hub or the network does wrong inside the block, as one :class:`HubPushError` naming
+    the endpoint, the request and ``retry`` (the command that pushes again); a failed commit may
+    have been applied, and says where to look."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        yield
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else "an error"
+        request = _failed_request(err)
+        if status == 401:
+            raise HubPushError(f"the Hub at {constants.ENDPOINT} refused the token (401 to {request}): set HF_TOKEN to a "
+                               "valid token with write access, or run `hf auth login`") from None
+        detail = f"{status} to {request}" + (f" ({err.server_message})" if getattr(err, "server_message", None) else "")
+        raise HubPushError(_push_failure(f"the Hub answered {detail}", request, repo_id, revision, retry)) from None
+    except Exception as err:
+        if not any(cls.__name__ in NETWORK_ERRORS for cls in type(err).__mro__):
+            raise
+        request = _failed_request(err)
+        raise HubPushError(_push_failure(f"the connection to the Hub at {constants.ENDPOINT} failed on {request} ({err}); "
+                                         "check the network and HF_ENDPOINT", request, repo_id, revision, retry)) from None
+
+
+def _push_failure(what: str, request: str, repo_id: str, revision: str | None, retry: str) -> str:
+    from huggingface_hub import constants
+
+    if "/commit/" in request:
+        return (f"{what}. The commit may have been applied: look at {constants.ENDPOINT}/{repo_id}/commits/{revision or 'main'} "
+                f"before pushing again ({retry})")
+    return f"{what}. Nothing was committed: push again ({retry})"
 
 
 def check_push_access(repo_id: str, token: str | None = None):
@@ -418,7 +467,8 @@ def check_push_access(repo_id: str, token: str | None = None):
     if not token:
         raise HubPushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
     api = HfApi(token=token)
-    role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
+    with hub_faults(repo_id, None, "once the Hub answers, run the command again"):
+        role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
     if role == "read":
         raise HubPushError("the Hugging Face token is read-only; create one with write access")
     return api
@@ -435,8 +485,6 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     when the token is read-only, when the folder is not a complete export, or when the repository
     already holds a model of another architecture (unless ``force``). The token is never logged.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -444,6 +492,17 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     if missing:
         raise HubPushError(f"{folder} is not a complete export (missing {missing}); run `cure-hub export` first")
     check_finite(load_file(folder / "model.safetensors"), f"the export {str(folder)!r}")
+    retry = " ".join(["cure-hub push", str(folder), "--repo-id", repo_id, *(["--private"] if private else []),
+                      *(["--revision", revision] if revision else []), *(["--create-pr"] if create_pr else [])])
+    with hub_faults(repo_id, revision, f"`{retry}`"):
+        return _push_folder(folder, repo_id, private, revision, create_pr, commit_message, force, token)
+
+
+def _push_folder(folder: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+                 commit_message: str | None, force: bool, token: str | None) -> str:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
     api = check_push_access(repo_id, token)
     token = api.token
     local = read_json(folder / "config.json")

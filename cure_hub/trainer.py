@@ -541,12 +541,15 @@ class Trainer:
 def export_and_push(run_folder: RunFolder, run) -> dict:
     """The Hub-ready export of the run's ``--export-weights`` (``RUN_DIR/export``), pushed if asked:
     where it is, and what the push returned."""
-    from .hub import export_run, push_to_hub
+    from .hub import HubPushError, export_run, push_to_hub
 
     export = export_run(run_folder.path, run_folder.export, weights=run.export_weights, overwrite=True, repo_id=run.hub_model_id)
     if not run.push_to_hub:
         return {"export": str(export)}
-    pushed = push_to_hub(export, run.hub_model_id)
+    try:
+        pushed = push_to_hub(export, run.hub_model_id)
+    except HubPushError as err:
+        raise HubPushError(f"training finished, and the run and its export {export} are whole; the push failed: {err}") from None
     logger.info("pushed %s to %s", export, run.hub_model_id)
     return {"export": str(export), "pushed": pushed}
 

@@ -5,7 +5,8 @@ Written for cure-hub's tests, so that pushing and loading go through the real hu
 timm and transformers clients. It keeps everything in memory and serves 127.0.0.1 only.
 
 Tokens: ``hf_write`` may write, ``hf_read`` may only read; any other token, or none, is refused
-with 401 where a token is needed. Every repository belongs to the user ``tester``.
+with 401 where a token is needed. Every repository belongs to the user ``tester``. A commit can be
+made to fail on cue (``HubState.faults``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class HubState:
         self.lfs: dict[str, bytes] = {}
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
+        #: Faults on cue, by route ("commit"): an HTTP status to answer, or "drop" to close the
+        #: connection unanswered (a server gone mid-push); each is used once.
+        self.faults: dict[str, int | str] = {}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -243,6 +247,12 @@ class Handler(BaseHTTPRequestHandler):
                    headers={"Content-Type": "application/vnd.git-lfs+json"})
 
     def _commit(self, repo_id: str, revision: str, body: bytes, query: dict):
+        fault = self.hub.faults.pop("commit", None)
+        if fault == "drop":
+            self.close_connection = True
+            return
+        if fault is not None:
+            return self._error(fault, "Internal Error - We're working hard to fix this as soon as possible!")
         repo = self._repo(repo_id, write=True)
         if repo is None:
             return

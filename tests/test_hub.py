@@ -141,6 +141,50 @@ def test_push_errors_come_before_any_upload(runs, hub, tmp_path):
     assert result.returncode == 2 and "not a complete export" in result.stderr
 
 
+def test_hub_faults_end_in_one_line_that_says_what_to_do(runs, hub, tmp_path):
+    """A closed port, an invalid token, a 500 at commit and a server gone mid-commit ended in tracebacks
+    of 14-29 frames. Each is one line naming the endpoint and the request, saying whether the commit
+    may have been applied, and giving the command that pushes again (which then works)."""
+    from helpers import free_port
+
+    export, home = str(runs["cifar"] / "export"), tmp_path / "home"
+    push = ["push", export, "--repo-id", "tester/faults", "--revision", "v1"]
+    again = f"`cure-hub push {export} --repo-id tester/faults --revision v1`"
+
+    def one_line_error(result):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        *before, last = result.stderr.strip().splitlines()  # before: huggingface_hub's progress bars, if any
+        assert last.startswith("cure-hub push: error: ") and not any("rror" in line for line in before), result.stderr
+        return last
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    error = one_line_error(cli(push, hub_env(hub, home, HF_ENDPOINT=closed)))
+    assert f"the connection to the Hub at {closed} failed on GET {closed}/api/whoami-v2" in error and "HF_ENDPOINT" in error
+    error = one_line_error(cli(push, hub_env(hub, home, token="hf_revoked")))
+    assert f"the Hub at {hub.endpoint} refused the token (401 to GET {hub.endpoint}/api/whoami-v2): set HF_TOKEN" in error
+    assert "hf_revoked" not in error
+    for fault, what in ((500, f"the Hub answered 500 to POST {hub.endpoint}/api/models/tester/faults/commit/v1"),
+                        ("drop", f"the connection to the Hub at {hub.endpoint} failed on POST {hub.endpoint}/api/models/tester/faults/commit/v1")):
+        hub.state.faults["commit"] = fault
+        error = one_line_error(cli(push, hub_env(hub, home)))
+        assert what in error and f"The commit may have been applied: look at {hub.endpoint}/tester/faults/commits/v1 before " \
+            f"pushing again ({again})" in error, error
+    assert hub.state.repos["tester/faults"].refs["v1"] is None  # the branch, made before the commit, holds none
+    assert cli(push, hub_env(hub, home)).returncode == 0 and hub.state.repos["tester/faults"].refs["v1"] is not None
+
+
+def test_a_push_that_fails_after_training_says_the_export_is_whole_and_how_to_push_it(hub, tmp_path):
+    run = tmp_path / "run"
+    hub.state.faults["commit"] = 500
+    result = cli(["train", "--model", "cifar_resnet18", "--model-kwargs", "width=4", "--dataset", "digits", "--max-steps", "2",
+                  "--batch-size", "16", "--eval-subset", "20", "--output-dir", str(run), "--push-to-hub", "--hub-model-id",
+                  "tester/after-training"], hub_env(hub, tmp_path / "home"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (f"training finished, and the run and its export {run / 'export'} are whole; the push failed: the Hub answered 500"
+            in result.stderr and f"`cure-hub push {run / 'export'} --repo-id tester/after-training`" in result.stderr)
+    load_robust_model(run / "export")
+
+
 def test_private_repo_and_pull_request(runs, hub, tmp_path):
     env = hub_env(hub, tmp_path / "home")
     assert cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/private", "--private"], env).returncode == 0
