@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from .config import InputError
 from .run_folder import RunFolder
+from .system import DiskFullError, disk_space_for, folder_size, readable_size
 
 logger = logging.getLogger(__name__)
 
@@ -117,15 +118,26 @@ class Checkpointer:
         return self.folder / f"{CHECKPOINT_PREFIX}{step:07d}"
 
     def save(self, step: int, process_state: dict) -> Path:
-        """Accelerate's state and each process's ``process_state`` as the checkpoint of ``step``."""
+        """Accelerate's state and each process's ``process_state`` as the checkpoint of ``step``. A
+        disk that fills ends in a :class:`DiskFullError` naming the space a checkpoint takes (the
+        newest whole one's, else more than what was written), the partial checkpoint removed."""
         accelerator, final = self.accelerator, self.path_of(step)
         partial = final.with_name(final.name + ".partial")
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial), safe_serialization=True)
-        accelerator.wait_for_everyone()
-        torch.save(process_state, partial / PROCESS_STATE_FILE.format(accelerator.process_index))
+        whole = complete_checkpoints(self.folder)
+        try:
+            with disk_space_for(self.folder, f"the checkpoint of step {step}",
+                                needed=lambda: f"about {readable_size(folder_size(whole[-1]))}" if whole
+                                else f"more than the {readable_size(folder_size(partial))} written",
+                                then=f"continue with `cure-hub train --resume-from {self.folder.parent}`"):
+                accelerator.save_state(str(partial), safe_serialization=True)
+                accelerator.wait_for_everyone()
+                torch.save(process_state, partial / PROCESS_STATE_FILE.format(accelerator.process_index))
+        except DiskFullError:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -156,6 +168,12 @@ class Checkpointer:
             )
         process_file = location / PROCESS_STATE_FILE.format(accelerator.process_index)
         return location, torch.load(process_file, map_location="cpu", weights_only=True)
+
+    @staticmethod
+    def holds_checkpoint(location: str | os.PathLike) -> bool:
+        """Whether ``location`` is a checkpoint, or a run folder that has written one."""
+        location = Path(location)
+        return location.name.startswith(CHECKPOINT_PREFIX) or bool(complete_checkpoints(RunFolder(location).checkpoints))
 
     def _damage(self, location: Path) -> str | None:
         """:func:`checkpoint_damage` as every process judges it: a checkpoint damaged for one is damaged for all."""

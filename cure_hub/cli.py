@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -65,6 +66,7 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
     from .models import create_model, load_robust_model
     from .plots import write_plots
     from .sharded_eval import EvaluationState, run_evaluation, state_folder_for, weights_digest
+    from .system import disk_space_for
 
     if not processes.is_main_process:  # one copy of every log line
         logging.getLogger("cure_hub").setLevel(logging.ERROR)
@@ -118,17 +120,21 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
                        "channels_last": args.channels_last,
                        **dataclasses.asdict(suite)}
         state = EvaluationState(state_folder_for(args.output), fingerprint)
-    results = {**identity, **run_evaluation(model, dataset, suite, args.batch_size, collate, device=device,
-                                            state=state, resume=args.resume, corrupted_copy=corrupted_copy,
-                                            split_indices=split_indices)}
-    if not processes.is_main_process:
-        return 0
-    print(format_results_table(results))
+    # A full disk costs nothing evaluated: the batches recorded so far are kept for --resume.
+    with disk_space_for(Path(args.output).parent, f"the results {args.output}", then="run the command again with --resume") \
+            if args.output else contextlib.nullcontext():
+        results = {**identity, **run_evaluation(model, dataset, suite, args.batch_size, collate, device=device,
+                                                state=state, resume=args.resume, corrupted_copy=corrupted_copy,
+                                                split_indices=split_indices)}
+        if not processes.is_main_process:
+            return 0
+        print(format_results_table(results))
+        if args.output:
+            output = Path(args.output)
+            temporary = output.with_name(f".{output.name}.tmp")
+            temporary.write_text(json.dumps(results, indent=2))
+            os.replace(temporary, output)  # a results file is whole or absent
     if args.output:
-        output = Path(args.output)
-        temporary = output.with_name(f".{output.name}.tmp")
-        temporary.write_text(json.dumps(results, indent=2))
-        os.replace(temporary, output)  # a results file is whole or absent
         state.remove()
         if args.plots:
             for path in write_plots([args.output], args.plots):

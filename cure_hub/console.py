@@ -22,9 +22,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .data import DatasetUnavailableError
     from .hub import HubPushError
     from .models import CheckpointMismatchError, ExportError
+    from .system import DiskFullError
 
     return (InputError, DatasetUnavailableError, ExportError, HubPushError, CheckpointMismatchError,
-            TrainingDivergedError, TrainingCollapsedError, FileExistsError, FileNotFoundError)
+            TrainingDivergedError, TrainingCollapsedError, DiskFullError, FileExistsError, FileNotFoundError)
 
 
 def exit_code_of(command: str, run: Callable[[], int]) -> int:

@@ -28,7 +28,7 @@ from .evaluation import ATTACKS, INTERVAL_METHOD, NORM_NAMES, wilson_interval
 from .method_registry import METHOD_CLASSES
 from .models import ExportError, ModelSpec, check_finite, load_robust_model, read_json, save_pretrained
 from .run_folder import RunFolder
-from .system import default_file_mode, process_umask
+from .system import default_file_mode, disk_space_for, process_umask, readable_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,18 +279,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     staging.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 would make the export private to its writer
     earlier = None
     try:
-        save_pretrained(model, staging)
-        (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
-        training = without_local_paths({"weights": weights, "config": config, "model_spec": model.spec.to_dict(), "summary": summary,
-                                        "versions": _package_versions(), "git_commit": summary.get("git_commit"),
-                                        "base_model": base_model_of(model.spec),
-                                        "interpolation": interpolation})
-        (staging / "training_config.json").write_text(json.dumps(training, indent=2))
-        (staging / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, config), indent=2))
-        # The run's own export is called "export": the card takes the run's name instead.
-        model_card(staging, repo_id, name=run.resolve().name if out.name == "export" else out.name).save(staging / "README.md")
-        for file in staging.iterdir():  # safetensors writes its files private (0o600): readable as every other file
-            file.chmod(default_file_mode())
+        with disk_space_for(out.parent, f"the export {out}", needed=lambda: f"about {readable_size(sum(t.nbytes for t in model.state_dict().values()))}"):
+            training = {"weights": weights, "config": config, "model_spec": model.spec.to_dict(), "summary": summary,
+                        "versions": _package_versions(), "git_commit": summary.get("git_commit"),
+                        "base_model": base_model_of(model.spec), "interpolation": interpolation}
+            # The run's own export is called "export": the card takes the run's name instead.
+            _write_export(staging, model, results, training, repo_id, run.resolve().name if out.name == "export" else out.name)
         # An earlier export is set aside, not deleted in place: at every moment `out` is one whole
         # export, and what a kill leaves aside carries the partial prefix the next export sweeps.
         if out.exists():
@@ -305,6 +299,18 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     if earlier:
         shutil.rmtree(earlier)
     return out
+
+
+def _write_export(folder: Path, model, results: dict, training: dict, repo_id: str | None, name: str) -> None:
+    """An export's files into ``folder``: weights and config, results, how it was trained, its
+    RobustBench entry and its card."""
+    save_pretrained(model, folder)
+    (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
+    (folder / "training_config.json").write_text(json.dumps(without_local_paths(training), indent=2))
+    (folder / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, training["config"]), indent=2))
+    model_card(folder, repo_id, name=name).save(folder / "README.md")
+    for file in folder.iterdir():  # safetensors writes its files private (0o600): readable as every other file
+        file.chmod(default_file_mode())
 
 
 def _interpolated_export(run: Path, weights: str, lam: float):

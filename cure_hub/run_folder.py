@@ -36,7 +36,7 @@ import torch
 import yaml
 from huggingface_hub import save_torch_state_dict
 
-from .system import default_file_mode
+from .system import default_file_mode, disk_space_for, readable_size
 
 try:
     import fcntl
@@ -225,7 +225,13 @@ class RunFolder:
         partial = folder / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-        save_torch_state_dict(state, partial, filename_pattern=name + "{suffix}.safetensors", max_shard_size="100GB")
+        with disk_space_for(folder, f"the {name} weights", needed=lambda: f"about {readable_size(sum(t.nbytes for t in state.values()))}",
+                            then=f"continue with `cure-hub train --resume-from {self.path}`"):
+            try:
+                save_torch_state_dict(state, partial, filename_pattern=name + "{suffix}.safetensors", max_shard_size="100GB")
+            except Exception:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
         os.chmod(partial / f"{name}.safetensors", default_file_mode())  # safetensors writes it private (0o600)
         os.replace(partial / f"{name}.safetensors", self.weights_file(name))
         shutil.rmtree(partial, ignore_errors=True)

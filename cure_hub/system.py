@@ -1,12 +1,17 @@
 """Facts about the machine a run is on, and the process settings a run makes on it: the cores
-the process may use, glibc's handling of freed memory, the hardware and the checkout's commit."""
+the process may use, glibc's handling of freed memory, a disk that fills, the hardware and the
+checkout's commit."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import os
+import shutil
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +48,53 @@ def default_file_mode() -> int:
     """The mode this process gives a new file (0o644 under the usual umask 022). Writers that go
     through a private temporary file (safetensors: 0o600) are given it back."""
     return 0o666 & ~process_umask()
+
+
+class DiskFullError(OSError):
+    """A write that the disk had no room for: where, what, and the space it needs."""
+
+
+#: What a full disk says through writers that do not pass its errno on: Python's and the Rust
+#: writers' (safetensors) messages, and torch.save's zip writer, whose short write loses it.
+_DISK_FULL_MESSAGES = ("No space left on device", "os error 28", "Disk quota exceeded", "unexpected pos")
+
+
+def readable_size(size: int) -> str:
+    """``size`` bytes in the largest binary unit it reaches: "186.7 KiB"."""
+    power, unit = next((p, u) for p, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if size >= 1024**p) if size >= 1024 else (0, "")
+    return f"{size / 1024**power:.1f} {unit}" if power else f"{size} bytes"
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
+
+
+def _disk_full(err: BaseException) -> bool:
+    while err is not None:
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(err) for m in _DISK_FULL_MESSAGES):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_space_for(folder: Path, what: str, needed: Callable[[], str] | None = None, then: str = "run the command again"):
+    """A write of ``what`` into ``folder`` that fills its disk ends in one :class:`DiskFullError`
+    naming the folder, its free space, ``needed()`` (the space the write takes, as "about 2.1 GiB"
+    or "more than ...", where known) and ``then`` (what to do once there is room), rather than in the
+    writer's own error."""
+    try:
+        yield
+    except Exception as err:
+        if not _disk_full(err):
+            raise
+        free = readable_size(shutil.disk_usage(_existing(Path(folder))).free)
+        room = f"which takes {needed()}: free that much there" if needed else "free some space there"
+        raise DiskFullError(f"the disk of {folder} is full ({free} free) writing {what}, {room}, then {then}") from None
+
+
+def _existing(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def usable_cpu_cores() -> list[int]:

@@ -276,17 +276,20 @@ class Trainer:
         return self.checkpointer.path_of(state.step)
 
     def _resume(self):
-        state = self.state
-        location, process_state = self.checkpointer.restore(self.config.run.resume_from, state)
-        self.augment_generator.set_state(process_state["augment_generator"])
-        self.attack_generator.set_state(process_state["attack_generator"])
-        self._restored_method_state = process_state["method"]
-        unwrap(self.model).load_state_dict(process_state["model_buffers"], strict=False)
-        self._start_method_if_due()
-        self._checkpointed_at = (state.step, state.epoch, state.batches_done_in_epoch)
+        state, resume_from = self.state, self.config.run.resume_from
+        if not self.checkpointer.holds_checkpoint(resume_from):  # stopped before its first (a full disk): from step 0
+            logger.warning("%s has no checkpoint yet: training it from its first step", resume_from)
+        else:
+            location, process_state = self.checkpointer.restore(resume_from, state)
+            self.augment_generator.set_state(process_state["augment_generator"])
+            self.attack_generator.set_state(process_state["attack_generator"])
+            self._restored_method_state = process_state["method"]
+            unwrap(self.model).load_state_dict(process_state["model_buffers"], strict=False)
+            self._start_method_if_due()
+            self._checkpointed_at = (state.step, state.epoch, state.batches_done_in_epoch)
+            logger.info("resumed from %s at step %d of %d", location, state.step, self.total_steps)
         if self.accelerator.is_main_process:
             self.run_folder.truncate_logs(state.step)
-        logger.info("resumed from %s at step %d of %d", location, state.step, self.total_steps)
 
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

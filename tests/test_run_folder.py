@@ -1,8 +1,10 @@
 """The run folder, its one owner: what a full disk or a kill leaves in it is handled where it is read."""
 
+import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,3 +70,54 @@ def test_a_run_folder_has_one_writer_and_a_killed_one_leaves_no_lock(tmp_path):
     folder.claim()  # the lock died with its process
     folder.release()
     assert all(json.loads(line)["step"] for line in (output / METRICS).read_text().splitlines())
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of ``size`` at ``path``: a disk that fills. Mounting needs root (CAP_SYS_ADMIN); where
+    the tests run without it, the full-disk tests skip."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def cure_hub_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cure_hub.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_full_disk_ends_in_one_line_and_a_run_without_a_checkpoint_starts_again(tmp_path):
+    """A disk that filled during the first checkpoint ended in torch's "unexpected pos", naming no
+    disk, and the run could neither resume ("no checkpoint") nor start again ("already holds a
+    run"). Now: one line naming the folder, its free space and what the checkpoint takes; the same
+    --resume-from trains the run from its first step once there is room. An export that does not fit
+    is named alike and leaves nothing."""
+    with small_disk(tmp_path / "disk", "512k") as disk:
+        run = disk / "run"
+        full = cure_hub_cli("train", "--model", "cifar_resnet18", "--model-kwargs", "width=4", "--dataset", "digits",
+                            "--max-steps", "4", "--checkpoint-every-steps", "2", "--batch-size", "16", "--eval-subset", "20",
+                            "--output-dir", str(run))
+        assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"cure-hub train: error: the disk of {run / 'checkpoints'} is full (") and \
+            "free) writing the checkpoint of step 2, which takes more than the " in last and \
+            f"written: free that much there, then continue with `cure-hub train --resume-from {run}`" in last, last
+        assert not [p for p in run.rglob("*") if ".partial" in p.name]
+        subprocess.run(["mount", "-o", "remount,size=8m", "tmpfs", str(disk)], check=True)
+        resumed = cure_hub_cli("train", "--resume-from", str(run))
+        assert resumed.returncode == 0 and f"{run} has no checkpoint yet: training it from its first step" in resumed.stderr, \
+            resumed.stderr[-3000:]
+        steps = [record["step"] for record in RunFolder(run).read_log(METRICS) if "train/loss" in record]
+        assert steps == sorted(set(steps)) and steps[-1] == 4, steps
+        with small_disk(tmp_path / "small", "64k") as small:
+            export = cure_hub_cli("export", str(run), str(small / "export"))
+            assert export.returncode == 2 and "Traceback" not in export.stderr, export.stderr[-3000:]
+            assert f"the disk of {small} is full (" in export.stderr and re.search(
+                f"writing the export {re.escape(str(small / 'export'))}, which takes about 1[0-9][0-9].[0-9] KiB: free that much "
+                "there, then run the command again", export.stderr), export.stderr  # the weights' 176.8 KiB
+            assert list(small.iterdir()) == []
