@@ -252,5 +252,9 @@ def file_in_the_way(path: str | os.PathLike) -> Path | None:
 def write_atomically(path: Path, text: str) -> None:
     """``text`` into ``path`` through a temporary file renamed into place."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
+    try:
+        partial.write_text(text)
+    except OSError:  # a full disk: the old file stays whole, and the space the partial took is given back
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cure_hub.run_folder import LAYER_STATISTICS, METRICS, RunFolder
+from cure_hub.run_folder import LAYER_STATISTICS, METRICS, RunFolder, write_atomically
 
 
 def test_a_log_line_cut_short_is_dropped_at_resume_with_a_warning(tmp_path, caplog):
@@ -121,3 +121,14 @@ def test_a_full_disk_ends_in_one_line_and_a_run_without_a_checkpoint_starts_agai
                 f"writing the export {re.escape(str(small / 'export'))}, which takes about 1[0-9][0-9].[0-9] KiB: free that much "
                 "there, then run the command again", export.stderr), export.stderr  # the weights' 176.8 KiB
             assert list(small.iterdir()) == []
+
+
+def test_a_file_of_a_run_rewritten_on_a_full_disk_stays_whole(tmp_path):
+    """config.yaml, summary.json and weights/*.json were written in place: a full disk left a 0-byte
+    best.json beside whole weights. Written to a temporary name and renamed, the old file stays."""
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        best = disk / "best.json"
+        write_atomically(best, json.dumps({"step": 2}))
+        with pytest.raises(OSError):
+            write_atomically(best, json.dumps({"step": 4, "padding": "x" * 200_000}))
+        assert json.loads(best.read_text()) == {"step": 2} and [p.name for p in disk.iterdir()] == ["best.json"]
