@@ -93,7 +93,7 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
     if args.checkpoint:
         model = create_model(args.model, num_classes=len(class_names), image_size=image_size,
                              checkpoint=args.checkpoint, **dict(args.model_kwargs or []))
-    check_model_fits_data(model.spec, image_size, class_names)
+    data_warnings = check_model_fits_data(model.spec, image_size, class_names, args.other_classes)
     if args.channels_last:
         model.to_channels_last()
     device = args.device or processes.device
@@ -126,6 +126,8 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
         results = {**identity, **run_evaluation(model, dataset, suite, args.batch_size, collate, device=device,
                                                 state=state, resume=args.resume, corrupted_copy=corrupted_copy,
                                                 split_indices=split_indices)}
+        results["warnings"] = data_warnings + results["warnings"]
+        results["unreliable"] = bool(results["warnings"])
         if not processes.is_main_process:
             return 0
         print(format_results_table(results))
@@ -283,6 +285,8 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--output", help="Write the results JSON here (and, until it is written, the finished batches to OUTPUT.partial/).")
     evaluate.add_argument("--resume", action="store_true", help="Continue the unfinished evaluation that writes --output.")
+    evaluate.add_argument("--other-classes", action="store_true", help="Evaluate on data whose class names are not the "
+                          "model's, comparing label indices (the results and the card carry the warning).")
     evaluate.add_argument("--plots", help="Write PNG plots of the results (with --output) to this folder.")
     evaluate.set_defaults(run=_eval)
     plot = commands.add_parser("plot", help="Plots from results JSON files and training run folders.")

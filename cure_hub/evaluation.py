@@ -105,9 +105,10 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def check_model_fits_data(spec, image_size: int, class_names: list[str]) -> None:
-    """Refuse to evaluate a model on images of another size or with another number of classes
-    (the accuracy would be a meaningless number); warn when only the class names differ."""
+def check_model_fits_data(spec, image_size: int, class_names: list[str], other_classes: bool = False) -> list[str]:
+    """Refuse to evaluate a model on images of another size, with another number of classes or,
+    unless ``other_classes``, with other class names (the accuracy would be a meaningless number).
+    Returns the warnings the results and the card must carry."""
     if spec.image_size != image_size:
         raise InputError(
             f"the model was trained on {spec.image_size} px images, the evaluation data has {image_size} px images: "
@@ -119,8 +120,12 @@ def check_model_fits_data(spec, image_size: int, class_names: list[str]) -> None
             "evaluate it on the data it was trained for"
         )
     if spec.label_names and list(spec.label_names) != list(class_names):
-        logger.warning("the model's classes %s are not the data's %s; accuracy compares label indices",
-                       list(spec.label_names)[:5], list(class_names)[:5])
+        differ = f"the model's classes {list(spec.label_names)[:5]} are not the data's {list(class_names)[:5]}"
+        if not other_classes:
+            raise InputError(f"{differ}: evaluate it on the data it was trained for, or pass --other-classes to compare "
+                             "label indices anyway")
+        return [f"{differ}; accuracy compares label indices (--other-classes)"]
+    return []
 
 
 def parse_attacks(names: str | Iterable[str]) -> list[str]:

@@ -329,6 +329,26 @@ def test_eval_refuses_data_the_model_was_not_built_for(runs, tmp_path, capsys):
         [str(runs["cifar"]), "--dataset", "digits", "--plots", str(tmp_path)], capsys, command="eval")
 
 
+def test_eval_on_data_of_other_class_names_is_refused_unless_asked_and_then_says_so(runs, tmp_path, capsys):
+    """Ten classes of other names (a model of digits on CIFAR-10 resized to its size) were evaluated
+    with a log warning only, and results.json said "warnings": []."""
+    import datasets
+
+    from test_input_errors import one_line_error, write_dataset
+
+    letters = write_dataset(tmp_path / "letters", {"train": list(range(10)), "test": list(range(10))},
+                            label_feature=datasets.ClassLabel(names=list("abcdefghij")))
+    capsys.readouterr()
+    error = one_line_error([str(runs["cifar"]), "--attacks", "clean", "--dataset", letters], capsys, command="eval")
+    assert "the model's classes ['0', '1', '2', '3', '4'] are not the data's ['a', 'b', 'c', 'd', 'e']" in error \
+        and "--other-classes" in error, error
+    output = tmp_path / "results.json"
+    assert cli_main(["eval", str(runs["cifar"]), "--attacks", "clean", "--dataset", letters, "--other-classes",
+                     "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert results["unreliable"] and "accuracy compares label indices (--other-classes)" in results["warnings"][0]
+
+
 def test_exports_name_their_results_weights_and_no_local_path(runs, tmp_path, capsys):
     run = tmp_path / "run"
     config = TrainConfig.from_dict({
