@@ -4,6 +4,7 @@ and the size arguments (patch, image size) that fit an architecture to small ima
 
 from __future__ import annotations
 
+import difflib
 import logging
 import warnings
 from pathlib import Path
@@ -38,6 +39,22 @@ MODEL_ALIASES = {
 
 #: The fewest patches per side a ViT keeps when built for images smaller than its default.
 MIN_PATCH_GRID = 8
+
+
+class UnknownModelError(InputError):
+    """The model name is neither a timm architecture, an alias, a transformers model nor a path."""
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name that is no local path, timm architecture or alias, transformers model type or
+    Hub id, suggesting the nearest known names: before anything else is checked or loaded."""
+    if Path(name).exists() or is_timm_name(name) or name in transformers_model_types() or (
+            "/" in name and not name.startswith((".", "/"))):
+        return
+    suggestions = difflib.get_close_matches(name, known_model_names(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
+    raise UnknownModelError(f"Unknown model {name!r}: not a timm architecture, alias, transformers model type, "
+                            f"local path or Hub id.{hint}")
 
 
 def known_model_names() -> list[str]:

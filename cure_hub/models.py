@@ -14,7 +14,6 @@ What a name stands for before a network is built is :mod:`cure_hub.model_configs
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -31,10 +30,11 @@ from .model_configs import (
     MODEL_ALIASES,
     SIZE_FIELDS,
     TIMM_HUB_PREFIX,
+    UnknownModelError,  # noqa: F401  (raised through check_model_name; models is where users import it from)
+    check_model_name,
     config_image_size,
     default_image_processor,
     is_timm_name,
-    known_model_names,
     meta_failure,
     processor_crop_pct,
     sized_timm_arguments,
@@ -47,10 +47,6 @@ from .preprocessing import PixelMap, UnsupportedProcessorError, pixel_map, proce
 from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
-
-
-class UnknownModelError(InputError):
-    """The model name is neither a timm architecture, an alias, a transformers model nor a path."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -260,12 +256,7 @@ def create_model(
     elif "/" in name and not name.startswith((".", "/")):
         model = from_transformers_pretrained(name, num_classes)
     else:
-        suggestions = difflib.get_close_matches(name, known_model_names(), n=5, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
-        raise UnknownModelError(
-            f"Unknown model {name!r}: not a timm architecture, alias, transformers model type, "
-            f"local path or Hub id.{hint}"
-        )
+        check_model_name(name)  # raises: the name is none of the above
     if label_names is not None:
         if len(label_names) != model.spec.num_classes:
             raise InputError(f"{len(label_names)} label names given for {model.spec.num_classes} classes")

@@ -2,7 +2,7 @@
 
 The trainer builds; this module judges, in the trainer's order: the preprocessing a pretrained
 model implies (:func:`resolve_preprocessing`); what is wrong with the command, before anything is
-read or downloaded (:func:`check_before_loading`: the output folder, the Hub token, the engine;
+read or downloaded (:func:`check_before_loading`: the model's name, the output folder, the Hub token, the engine;
 then :func:`resolve_weights_file` and the method's start, :func:`check_method_start`); what needs
 the model or the data, as soon as they are built (:func:`check_model`, :func:`count_steps`); and
 last the warnings about the built run (:func:`warn_about_run`). A new check is one function here,
@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from .config import InputError, OptimConfig, TrainConfig, check_resume_changes, run_folder_of
 from .methods import METHOD_CLASSES, Method
-from .model_configs import loads_pretrained_weights, pretrained_preprocessing
+from .model_configs import check_model_name, loads_pretrained_weights, pretrained_preprocessing
 from .models import check_channels_last_training_on_cpu, download_from_hub
 from .run_folder import RunFolder, file_in_the_way
 from .system import usable_cpu_cores
@@ -49,6 +49,7 @@ def resolve_preprocessing(config: TrainConfig) -> TrainConfig:
 def check_before_loading(config: TrainConfig, accelerator: Accelerator) -> bool:
     """The checks that need neither data nor model, fastest first. Returns whether an earlier run's
     outputs are to be cleared from the output folder (``--overwrite-output-dir``)."""
+    check_model_name(config.model.model)
     clear = check_output_folder(config)
     if config.run.push_to_hub and accelerator.is_main_process:  # before hours of training, not after
         from .hub import check_push_access

@@ -306,7 +306,8 @@ def test_bad_recipe_keys_are_named(tmp_path):
 
 def test_bare_headline_command_stops_naming_what_to_add(tmp_path, caplog):
     """`--model vit_small` alone most likely means its pretrained weights: CURE from random ones
-    is refused before any data is read, naming the fixes; --from-scratch lets it through, warned."""
+    is refused before any data is read, naming the fixes; --from-scratch lets it through, and says
+    the user knows (no warning); an unknown name is refused before any of that, alone."""
     config = tiny_config(tmp_path / "run", model={"model": "vit_small"}, data={"dataset": "no/such-dataset"})
     with pytest.raises(InputError, match=r"vit_small has pretrained weights: add --pretrained .*--warmup-epochs N.*--from-scratch"):
         Trainer(config).train()
@@ -315,7 +316,11 @@ def test_bare_headline_command_stops_naming_what_to_add(tmp_path, caplog):
                          optim={"max_steps": 1})
     with caplog.at_level(logging.WARNING, logger="cure_hub"):
         Trainer(config).train()
-    assert "CURE from random weights" in caplog.text
+    assert "CURE from random weights" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cure_hub"), pytest.raises(InputError, match="Unknown model 'vit_smal'"):
+        Trainer(tiny_config(tmp_path / "unknown", model={"model": "vit_smal"})).train()
+    assert "CURE from random weights" not in caplog.text and not (tmp_path / "unknown").exists()
 
 
 def test_cure_warns_of_random_weights_only_when_they_are_random(tmp_path, caplog):

@@ -236,7 +236,8 @@ class CURE(Method):
     def check_start(cls, config: TrainConfig) -> None:
         """CURE fine-tunes a naturally trained model. From random weights it is refused where the
         architecture has pretrained ones (the bare ``--model vit_small`` most likely meant them),
-        and warned about elsewhere (an architecture with none, or ``--from-scratch``)."""
+        warned about for an architecture with none, and let through silently with ``--from-scratch``
+        (which says the user knows)."""
         model, optim = config.model, config.optim
         if model.init_from or optim.warmup_epochs or loads_pretrained_weights(model.model, model.pretrained):
             return
@@ -246,8 +247,9 @@ class CURE(Method):
                 f"(its own input size and normalisation; CIFAR images are resized), or --init-from RUN, --warmup-epochs N "
                 f"(CURE-Eff), or --from-scratch to start from random weights anyway"
             )
-        logger.warning("CURE from random weights: the method assumes a naturally trained start. Pass --init-from (a "
-                       "natural model), --pretrained, or --warmup-epochs N (CURE-Eff).")
+        if not model.from_scratch:
+            logger.warning("CURE from random weights: the method assumes a naturally trained start. Pass --init-from (a "
+                           "natural model), --pretrained, or --warmup-epochs N (CURE-Eff), or --from-scratch to say so.")
 
     @classmethod
     def check_engine(cls, distributed_type) -> None:
