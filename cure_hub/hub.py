@@ -186,6 +186,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         weights=training["weights"], weights_description=WEIGHT_CHOICES[training["weights"]],
         n_examples=n, threat_model=threat_model, norm=results["norm"], epsilon_text=_epsilon_text(results["epsilon"]),
         accuracy=results["accuracy"], nrr=results.get("nrr", {}), attack_names=ATTACK_NAMES,
+        num_classes=spec.num_classes, near_chance=results["accuracy"].get("clean", 1.0) < 2 / spec.num_classes,
         attack_settings=f"ε = {_epsilon_text(attack['epsilon'])}, step {_epsilon_text(attack['step_size'])}, {attack['steps']} steps",
         optimiser=f"{optim['optimizer'].upper()} (lr {optim['lr']}, {optim['lr_schedule']}, weight decay {optim['weight_decay']})",
         steps=summary.get("steps", "?"), epochs=f"{summary.get('epochs', 0):.1f}", batch_size=optim["batch_size"],

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from cure_hub.cli import main as cli_main
 from cure_hub.config import TrainConfig
 from cure_hub.evaluation import wilson_interval
-from cure_hub.hub import export_run
+from cure_hub.hub import export_run, rerender_card
 from cure_hub.models import ExportError, RobustClassifier, load_robust_model
 from cure_hub.trainer import Trainer
 from hub_server import LOAD_SCRIPT, LoopbackHub, hub_env
@@ -194,6 +194,25 @@ def test_private_repo_and_pull_request(runs, hub, tmp_path):
     pr = cli(["push", str(runs["cifar"] / "export"), "--repo-id", "tester/private", "--create-pr", "--commit-message", "retrained"], env)
     assert pr.returncode == 0, pr.stderr[-2000:]
     assert repo.refs["main"] == main_head and "refs/pr/1" in repo.refs
+
+
+def test_the_card_says_when_a_model_is_no_classifier_yet_and_how_each_library_loads_it(runs, tmp_path):
+    """A 3-step model at chance was headlined "an adversarially robust image classifier"; the
+    transformers snippet of a cifar_* export lacked the import its prose asked for."""
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(runs["cifar"] / "export", export)
+    results = json.loads((export / "eval_results.json").read_text())
+    for clean, caveat in ((0.15, True), (0.9, False)):
+        results["accuracy"]["clean"] = clean
+        (tmp_path / "results.json").write_text(json.dumps(results))
+        card = (rerender_card(export, tmp_path / "results.json")).read_text()
+        words = " ".join(card.replace("\n> ", " ").split())
+        assert ("**Not a useful classifier yet**: its clean accuracy, 15.0 %, is within twice chance (10.0 % for 10 "
+                "classes)" in words) is caveat, card[:1500]
+    assert "adversarially robust image classifier" not in card
+    assert "import cure_hub  # registers cifar_resnet18\nfrom transformers import AutoModelForImageClassification" in card
 
 
 def test_export_refuses_a_non_empty_folder_and_leaves_nothing_partial(runs, tmp_path):
