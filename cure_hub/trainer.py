@@ -95,8 +95,9 @@ def clean_and_pgd_accuracy(model: torch.nn.Module, batches, config: TrainConfig,
     # Its own generator: the evaluation is the same whenever it runs, and leaves training's
     # random streams untouched (evaluating more or less often does not change the run).
     generator = torch.Generator(accelerator.device).manual_seed(config.optim.seed)
-    with eval_mode(model), accelerator.autocast():
-        for images, labels in batches:
+    with eval_mode(model), accelerator.autocast():  # a bar: on a CPU a large model's evaluation takes minutes
+        for images, labels in tqdm(batches, desc="evaluate", leave=False, disable=not accelerator.is_local_main_process,
+                                   dynamic_ncols=True):
             adversarial = pgd_attack(model, images, labels, attack, generator=generator) if attack.steps else images
             correct = torch.stack([model(images).argmax(1) == labels, model(adversarial).argmax(1) == labels])
             correct = accelerator.gather_for_metrics(correct.T).T  # drops the padding of the last batch
