@@ -426,3 +426,20 @@ def test_help_gives_each_flag_one_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "KL weight of TRADES, MART and CURE (default 6, 6 and 1). --percentile" in text
     assert "Training epochs. (default: 10)" in text
+
+
+def test_report_to_tensorboard_writes_every_logged_metric_offline(tmp_path):
+    """--report-to goes through Accelerate's trackers; TensorBoard's event files under
+    RUN/<run name>/ hold every logged step's metrics, equal to metrics.jsonl's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cure_hub.run_folder import METRICS, RunFolder
+
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, run={"report_to": "tensorboard"})).train()
+    events = EventAccumulator(str(run / "run"))
+    events.Reload()
+    logged = [record for record in RunFolder(run).read_log(METRICS) if "train/loss" in record]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")] == \
+        [(record["step"], round(record["train/loss"], 5)) for record in logged] and len(logged) == 4
+    assert [e.step for e in events.Scalars("eval/pgd2_acc")] == [4]
