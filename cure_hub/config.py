@@ -231,7 +231,7 @@ class MethodConfig:
                   "choices": ("default", *CURE_SETTINGS)},
     )
     beta: float | None = dataclasses.field(
-        default=None, metadata={"help": "KL weight of TRADES, MART and CURE (default 6, 6 and 1)."}
+        default=None, metadata={"help": "KL weight of TRADES, MART and CURE (default 6, 6 and 5)."}
     )
     percentile: float = dataclasses.field(
         default=30.0, metadata={"help": "CURE p: percent of each masked tensor's weights conserved per step, in [0, 100)."}

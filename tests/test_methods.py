@@ -32,7 +32,7 @@ def test_a_method_is_its_class_and_one_registration():
     """Registered once, a method is a --method choice, gets its default beta and its card title; a
     name registered twice is refused."""
     assert list(METHOD_CLASSES) == ["standard", "pgd_at", "trades", "mart", "cure"]
-    assert [MethodConfig(method=name).beta for name in METHOD_CLASSES] == [0.0, 0.0, 6.0, 6.0, 1.0]
+    assert [MethodConfig(method=name).beta for name in METHOD_CLASSES] == [0.0, 0.0, 6.0, 6.0, 5.0]
     with pytest.raises(InputError, match="method must be one of \\('standard', 'pgd_at', 'trades', 'mart', 'cure'\\), got 'trades_awp'"):
         MethodConfig(method="trades_awp")
 
@@ -57,8 +57,8 @@ def test_attack_starts():
 
 def test_default_betas():
     assert MethodConfig(method="trades").beta == 6.0
-    assert MethodConfig(method="cure").beta == 1.0
-    assert MethodConfig(method="cure", beta=5.0).beta == 5.0
+    assert MethodConfig(method="cure").beta == 5.0
+    assert MethodConfig(method="cure", beta=1.0).beta == 1.0
 
 
 @pytest.mark.parametrize(

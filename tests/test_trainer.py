@@ -424,7 +424,7 @@ def test_help_gives_each_flag_one_default(capsys):
     with pytest.raises(SystemExit):
         parse_train_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "KL weight of TRADES, MART and CURE (default 6, 6 and 1). --percentile" in text
+    assert "KL weight of TRADES, MART and CURE (default 6, 6 and 5). --percentile" in text
     assert "Training epochs. (default: 10)" in text
 
 
