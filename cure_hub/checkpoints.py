@@ -75,6 +75,12 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob(f"{CHECKPOINT_PREFIX}[0-9]*[0-9]"))
 
 
+def is_checkpoint(location: Path) -> bool:
+    """Whether ``location`` names one checkpoint (a ``step_*`` folder, or any folder holding
+    Accelerate's state), rather than a run folder."""
+    return location.name.startswith(CHECKPOINT_PREFIX) or (location / "random_states_0.pkl").exists()
+
+
 def checkpoint_damage(location: Path, process_index: int) -> str | None:
     """What is missing or cut short in the checkpoint ``location``, as the process ``process_index``
     needs it (``None``: whole). Structural, without loading a tensor: every file is there, every
@@ -153,7 +159,7 @@ class Checkpointer:
         process's own state. A damaged checkpoint (:func:`checkpoint_damage`, judged by every
         process alike) is passed over for the one before it, with a warning; named, it is refused."""
         location = Path(location)
-        if location.name.startswith(CHECKPOINT_PREFIX) or (location / "random_states_0.pkl").exists():
+        if is_checkpoint(location):
             if damage := self._damage(location):
                 raise InputError(f"cannot resume from {location}: {damage}. Resume from the run folder to use its newest "
                                  f"whole checkpoint, or name an older one")
@@ -173,7 +179,7 @@ class Checkpointer:
     def holds_checkpoint(location: str | os.PathLike) -> bool:
         """Whether ``location`` is a checkpoint, or a run folder that has written one."""
         location = Path(location)
-        return location.name.startswith(CHECKPOINT_PREFIX) or bool(complete_checkpoints(RunFolder(location).checkpoints))
+        return is_checkpoint(location) or bool(complete_checkpoints(RunFolder(location).checkpoints))
 
     def _damage(self, location: Path) -> str | None:
         """:func:`checkpoint_damage` as every process judges it: a checkpoint damaged for one is damaged for all."""
