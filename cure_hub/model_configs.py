@@ -45,12 +45,19 @@ class UnknownModelError(InputError):
     """The model name is neither a timm architecture, an alias, a transformers model nor a path."""
 
 
-def check_model_name(name: str) -> None:
-    """Refuse a name that is no local path, timm architecture or alias, transformers model type or
-    Hub id, suggesting the nearest known names: before anything else is checked or loaded."""
-    if Path(name).exists() or is_timm_name(name) or name in transformers_model_types() or (
-            "/" in name and not name.startswith((".", "/"))):
-        return
+def model_source(name: str) -> str:
+    """Where a model name leads, in this order: ``"path"`` (a local file or folder), ``"timm"`` (an
+    architecture, an alias or a timm-layout Hub repository), ``"transformers"`` (a model type, built
+    from its config) or ``"hub"`` (a transformers Hub id). Any other name is refused, suggesting the
+    nearest known names: the trainer asks before anything else is checked or loaded."""
+    if Path(name).exists():
+        return "path"
+    if is_timm_name(name):
+        return "timm"
+    if name in transformers_model_types():
+        return "transformers"
+    if "/" in name and not name.startswith((".", "/")):
+        return "hub"
     suggestions = difflib.get_close_matches(name, known_model_names(), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
     raise UnknownModelError(f"Unknown model {name!r}: not a timm architecture, alias, transformers model type, "

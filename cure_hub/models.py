@@ -30,17 +30,15 @@ from .model_configs import (
     MODEL_ALIASES,
     SIZE_FIELDS,
     TIMM_HUB_PREFIX,
-    UnknownModelError,  # noqa: F401  (raised through check_model_name; models is where users import it from)
-    check_model_name,
+    UnknownModelError,  # noqa: F401  (raised through model_source; models is where users import it from)
     config_image_size,
     default_image_processor,
-    is_timm_name,
     meta_failure,
+    model_source,
     processor_crop_pct,
     sized_timm_arguments,
     timm_pretrained_config,
     transformers_config,
-    transformers_model_types,
     vision_config,
 )
 from .preprocessing import PixelMap, UnsupportedProcessorError, pixel_map, processor_applying
@@ -247,16 +245,15 @@ def create_model(
         **kwargs: constructor arguments for timm (``width=16``, ``drop_path_rate=0.1``) or
             config fields for transformers (``hidden_size=192``).
     """
-    if (path := Path(name)).exists():
-        model = _create_from_path(path, num_classes, image_size, pretrained, **kwargs)
-    elif is_timm_name(name):
+    source = model_source(name)  # an unknown name is refused here
+    if source == "path":
+        model = _create_from_path(Path(name), num_classes, image_size, pretrained, **kwargs)
+    elif source == "timm":
         model = _create_timm(MODEL_ALIASES.get(name, name), num_classes, image_size, pretrained, **kwargs)
-    elif name in transformers_model_types():
+    elif source == "transformers":
         model = _create_transformers_from_config(transformers_config(name, num_classes, image_size, kwargs), image_size=image_size)
-    elif "/" in name and not name.startswith((".", "/")):
-        model = from_transformers_pretrained(name, num_classes)
     else:
-        check_model_name(name)  # raises: the name is none of the above
+        model = from_transformers_pretrained(name, num_classes)
     if label_names is not None:
         if len(label_names) != model.spec.num_classes:
             raise InputError(f"{len(label_names)} label names given for {model.spec.num_classes} classes")

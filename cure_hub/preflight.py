@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from .config import InputError, OptimConfig, TrainConfig, check_resume_changes, run_folder_of
 from .methods import METHOD_CLASSES, Method
-from .model_configs import check_model_name, loads_pretrained_weights, pretrained_preprocessing
+from .model_configs import loads_pretrained_weights, model_source, pretrained_preprocessing
 from .models import check_channels_last_training_on_cpu, download_from_hub
 from .run_folder import RunFolder, file_in_the_way
 from .system import usable_cpu_cores
@@ -49,7 +49,7 @@ def resolve_preprocessing(config: TrainConfig) -> TrainConfig:
 def check_before_loading(config: TrainConfig, accelerator: Accelerator) -> bool:
     """The checks that need neither data nor model, fastest first. Returns whether an earlier run's
     outputs are to be cleared from the output folder (``--overwrite-output-dir``)."""
-    check_model_name(config.model.model)
+    model_source(config.model.model)  # an unknown model name is refused first, alone
     clear = check_output_folder(config)
     if config.run.push_to_hub and accelerator.is_main_process:  # before hours of training, not after
         from .hub import check_push_access
