@@ -6,7 +6,10 @@ touch every method alike; the median is reported, and the ratio to TRADES is the
 per-round ratios. On a CPU the process keeps its freed heap memory, as the trainer does
 (``cure_hub.system.keep_freed_heap_memory``; ``--default-allocator`` measures without). Peak memory is the CUDA allocator's peak on
 a GPU; on a CPU, the rise of the process's peak resident memory over one step (Linux resets the
-peak through /proc/self/clear_refs). ``--breakdown`` profiles one CURE step and splits its time
+peak through /proc/self/clear_refs), and beside it the peak of the tensor memory allocated over the
+step's start, from the profiler's record of allocations (what CUDA's allocator counts, without the
+heap's page layout). Each peak is also printed as CURE's extra over TRADES's in multiples of the
+parameters' bytes. ``--breakdown`` profiles one CURE step and splits its time
 into the parts CURE adds to TRADES (the labels in cure_hub/methods/cure.py).
 
     python benchmarks/step_cost.py --quick
@@ -16,6 +19,8 @@ into the parts CURE adds to TRADES (the labels in cure_hub/methods/cure.py).
     python benchmarks/step_cost.py --methods trades,cure --compile                  # + torch.compile
     python benchmarks/step_cost.py --quick --methods trades,cure --channels-last    # + channels-last layout
     python benchmarks/step_cost.py --device cuda --batch-size 128 --bf16            # bf16 autocast
+    python benchmarks/step_cost.py --model vit_base_patch16_224 --image-size 224 --batch-size 2 --attack-steps 2 \
+        --repeats 1 --methods trades,cure                                           # CURE's memory for a ViT-B
     bash benchmarks/cuda_checks.sh OUT                                               # every GPU check at once
 """
 
@@ -110,6 +115,22 @@ def measure_memory(args, setup, step: int) -> float | None:
     return _peak_rss_mib() - base
 
 
+def measure_allocated(args, setup, step: int) -> float:
+    """Peak of the tensor memory one training step allocates over what it starts with, in MiB: on
+    a CPU from the profiler's record of every allocation and free (the analogue of CUDA's
+    ``max_memory_allocated``, blind to how the heap lays the blocks out in pages)."""
+    model, method, optimizer = setup
+    images, labels = batch(args)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        train_step(model, method, optimizer, images, labels, step, args.bf16)
+    live = peak = 0
+    allocations = (event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]")
+    for event in sorted(allocations, key=lambda event: event.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def cure_breakdown(args, setup) -> dict[str, float]:
     """Seconds of one CURE step spent in each labelled part (on a GPU, the parts' spans on the device)."""
     from torch.autograd import DeviceType
@@ -195,13 +216,24 @@ def main(argv=None) -> int:
     width = f" width {args.width}" if args.model.startswith("cifar_resnet") else ""
     print(f"# {args.model}{width} at {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.attack_steps} attack steps, "
           f"{'bf16' if args.bf16 else 'fp32'}, {args.device}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    parameter_mib = sum(p.numel() * p.element_size() for p in setups["trades"][0].parameters()) / 2**20
+    print(f"# parameters: {parameter_mib:.1f} MiB; 'extra': peak memory over TRADES's, in multiples of the parameters' bytes")
+    # After the timed rounds, on a mask step of cure-kK.
+    mask_step = {name: (args.repeats + 1) * steps_per_round[name] for name in methods}
+    memories = {name: measure_memory(args, setups[name], mask_step[name]) for name in methods}
+    allocated = ({name: measure_allocated(args, setups[name], mask_step[name] + steps_per_round[name]) for name in methods}
+                 if args.device == "cpu" else {})
     results = {}
     for name in methods:
         seconds = statistics.median(times[name])
         ratio = statistics.median(t / r for t, r in zip(times[name], times["trades"]))
-        memory = measure_memory(args, setups[name], (args.repeats + 1) * steps_per_round[name])  # a mask step of cure-kK
-        results[name] = {"seconds_per_step": seconds, "peak_memory_mib": memory, "relative_to_trades": ratio}
-        memory_text = "" if memory is None else f"  peak memory +{memory:7.1f} MiB"
+        results[name] = {"seconds_per_step": seconds, "relative_to_trades": ratio}
+        memory_text = ""
+        for kind, peaks in (("peak memory", memories), ("allocated", allocated)):
+            if peaks.get(name) is not None:
+                extra = (peaks[name] - peaks["trades"]) / parameter_mib
+                results[name].update({f"{kind.replace(' ', '_')}_mib": peaks[name], f"{kind.replace(' ', '_')}_extra_in_parameters": extra})
+                memory_text += f"  {kind} +{peaks[name]:7.1f} MiB (extra {extra:+.2f}x)"
         print(f"{name:21s} {seconds:8.3f} s/step{memory_text}  {ratio:.2f}x")
     if args.breakdown and "cure" in setups:
         parts = cure_breakdown(args, setups["cure"])

@@ -230,7 +230,7 @@ class Trainer:
         self.attack_generator = torch.Generator(device=accelerator.device).manual_seed(device_seed + 10_000)
         if accelerator.device.type == "cpu" and config.run.keep_freed_memory:
             keep_freed_heap_memory()
-        self.method.generator = self.attack_generator
+        self.method.generator, self.method.micro_batches = self.attack_generator, config.optim.gradient_accumulation_steps
         if accelerator.scaler is not None:  # fp16: CURE's own gradients need the loss's scaling
             self.method.scale_loss = accelerator.scaler.scale
         self.method_started = False

@@ -29,7 +29,7 @@ def cure_steps(compiled: bool, steps: int, recompile_is_an_error_after: int | No
             optimizer.zero_grad()
             output.loss.backward()
             if step == 0:
-                first = {"scores": [g.detach().clone() for g in method._rgp_grads]}
+                first = {"scores": [score.clone() for score in method._prominence._scores]}
             method.before_optimizer_step(model)
         if step == 0:
             first["updated"] = [param.grad != 0 for param in method.masked_params]

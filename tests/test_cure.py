@@ -1,10 +1,14 @@
 import copy
 import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import cure_hub
@@ -13,17 +17,20 @@ from cure_hub.attacks import eval_mode
 from cure_hub.config import AttackConfig, InputError, MethodConfig, TrainConfig
 from cure_hub.losses import kl_divergence
 from cure_hub.methods import build_method
-from cure_hub.methods.cure import (
+from cure_hub.methods.cure import masked_parameter_names, revision_rate_at, start_share_of_revision
+from cure_hub.methods.rgp import (
+    ADVERSARIAL,
+    NATURAL,
+    ProminenceScores,
     _keep_mask_without_synchronisation,
     _keep_masks_by_one_sort,
-    masked_parameter_names,
+    _keep_masks_in_chunks,
+    chunks,
     prominence_mask,
     prominence_masks,
-    revision_rate_at,
-    start_share_of_revision,
 )
 from cure_hub.trainer import Trainer
-from helpers import non_robust_natural_model, pgd_accuracy, robust_vs_fragile_task, tiny_model
+from helpers import free_port, non_robust_natural_model, pgd_accuracy, robust_vs_fragile_task, tiny_model
 from test_trainer import tiny_config
 
 
@@ -175,19 +182,115 @@ def _sgd_step(method, model, images, labels, optimizer, step=0):
     return output
 
 
+def whole_branch_gradients(method, model, images, labels, adversarial_loss="ce"):
+    """The two RGP gradients of Eq. 6 as whole tensors, by ``torch.autograd.grad`` of each branch's
+    loss: the reference for ProminenceScores, which never holds them. The attack's draws and the
+    model's batch statistics are put back afterwards, so that ``compute_loss`` sees what this did."""
+    state, buffers = method.generator.get_state(), copy.deepcopy(model.state_dict())
+    adversarial = method.adversarial_examples(model, images, labels, loss="kl")
+    logits, adv_logits = model(images), model(adversarial)
+    natural = F.cross_entropy(logits.float(), labels)
+    robust = F.cross_entropy(adv_logits.float(), labels) if adversarial_loss == "ce" else kl_divergence(logits, adv_logits)
+    grads = [[torch.zeros_like(p) if g is None else g for p, g in
+              zip(method.masked_params, torch.autograd.grad(loss, method.masked_params, retain_graph=True, allow_unused=True))]
+             for loss in (natural, robust)]
+    method.generator.set_state(state)
+    model.load_state_dict(buffers)
+    return grads
+
+
+@pytest.mark.parametrize("signed,adversarial_loss", [(False, "ce"), (True, "kl")])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_rgp_scores_are_bitwise_those_of_whole_gradients(signed, adversarial_loss, micro_batches):
+    """ProminenceScores folds each gradient into the score as it arrives (one micro-batch), or sums
+    it as it arrives (two), and never holds the branch gradients whole; its scores are bitwise Eq. 6
+    computed from whole gradients, the magnitude taken of the sum over micro-batches."""
+    images, labels = robust_vs_fragile_task(16)
+    model = tiny_model()
+    method = build_method(MethodConfig(method="cure", rgp_signed=signed, rgp_adversarial_loss=adversarial_loss), AttackConfig(steps=2))
+    method.micro_batches = micro_batches
+    method.setup(model, total_steps=10)
+    method.generator = torch.Generator().manual_seed(0)
+    natural = adversarial = None
+    for batch in ([slice(None)] if micro_batches == 1 else [slice(0, 8), slice(8, 16)]):
+        nat, adv = whole_branch_gradients(method, model, images[batch], labels[batch], adversarial_loss)
+        natural = nat if natural is None else [a + b for a, b in zip(natural, nat)]
+        adversarial = adv if adversarial is None else [a + b for a, b in zip(adversarial, adv)]
+        method.compute_loss(model, images[batch], labels[batch])
+    assert method._prominence.folds_on_arrival == (micro_batches == 1)
+    alpha = method.config.alpha
+    magnitude = (lambda g: g) if signed else torch.abs
+    scores = method._prominence.take()
+    assert len(scores) == len(method.masked_params) == len(natural)
+    for score, g_nat, g_adv in zip(scores, natural, adversarial):
+        assert torch.equal(score, magnitude(g_nat).mul(alpha).add(magnitude(g_adv), alpha=1 - alpha))
+    assert not method._prominence.pending
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_rgp_of_weights_one_branch_or_neither_uses_by_hand(micro_batches):
+    """Eq. 6 by hand: a weight only the adversarial branch uses scores (1 - alpha) |g_adv|, one
+    neither uses scores zero; on either path (folded on arrival, or summed first)."""
+    a, b, c = (torch.tensor(values, requires_grad=True) for values in ([1.0, -2.0], [3.0], [5.0]))
+    prominence = ProminenceScores([a, b, c], alpha=0.25, signed=False, micro_batches=micro_batches)
+    prominence.add((a * torch.tensor([2.0, 3.0])).sum(), NATURAL)  # g_a = (2, 3)
+    prominence.add((a * a).sum() - 4 * b.sum(), ADVERSARIAL)  # g_a = 2a = (2, -4), g_b = -4
+    assert a.grad is None and b.grad is None  # nothing reaches .grad, where the loss's own gradient goes
+    score_a, score_b, score_c = prominence.take()
+    assert score_a.tolist() == [0.25 * 2 + 0.75 * 2, 0.25 * 3 + 0.75 * 4]
+    assert score_b.tolist() == [0.75 * 4] and score_c.tolist() == [0.0]
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_sharded_selection_equals_the_whole_tensors_mask_on_every_process(processes):
+    """FSDP2-style row shards (short and empty ones included) and real FSDP2 parameters: ties
+    broken by global position across processes, NaN, signed zeros, bf16, p from 0 to 100."""
+    script = str(Path(__file__).parent / "distributed_selection.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()), script]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("masks equal") == processes
+
+
+def test_rgp_folded_on_arrival_refuses_a_second_micro_batch():
+    images, labels = robust_vs_fragile_task(8)
+    model = tiny_model()
+    method = build_method(MethodConfig(method="cure"), AttackConfig(steps=1))
+    method.setup(model, total_steps=10)
+    method.compute_loss(model, images, labels)
+    with pytest.raises(RuntimeError, match="second micro-batch"):
+        method.compute_loss(model, images, labels)
+
+
+def test_chunks_of_tensors_keep_their_order_within_the_budget():
+    tensors = [torch.empty(n) for n in (5, 3, 9, 2, 2, 20, 1)]
+    assert [[t.numel() for t in run] for run in chunks(tensors, budget=8)] == [[5, 3], [9], [2, 2], [20], [1]]
+    assert [[t.numel() for t in run] for run in chunks(tensors)] == [[5, 3, 9, 2], [2], [20], [1]]  # the largest, 20 > 42 // 32
+    assert [len(run) for run in chunks([torch.empty(10)] * 64)] == [2] * 32  # a 32nd of 640 entries
+
+
+@pytest.mark.parametrize("kind", ["ties", "signed zeros", "bf16", "non-finite"])
+@pytest.mark.parametrize("budget", [1, 3_000, 10**9])
+def test_masks_selected_chunk_by_chunk_match_the_reference(kind, budget):
+    """The accelerator path sorts a chunk of tensors at a time: every chunking gives the reference."""
+    scores = many_scores(kind)
+    for score, keep in zip(scores, _keep_masks_in_chunks(scores, 30.0, budget)):
+        np.testing.assert_array_equal(keep.numpy(), reference_mask(score.float().numpy(), 30.0))
+
+
 def test_conserved_weights_do_not_move_without_momentum_and_weight_decay():
     model = tiny_model()
     images, labels = robust_vs_fragile_task(32)
     method = build_method(MethodConfig(method="cure", percentile=30), AttackConfig(steps=2))
     method.setup(model, total_steps=10)
+    method.generator = torch.Generator().manual_seed(0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0, weight_decay=0.0)
+    nat, adv = whole_branch_gradients(method, model, images, labels)
+    expected = {n: prominence_mask(0.1 * g.abs() + 0.9 * a.abs(), 30) for n, g, a in zip(method.masked_names, nat, adv)}
     output = method.compute_loss(model, images, labels)
     optimizer.zero_grad()
     output.loss.backward()
-    count = len(method.masked_params)
-    nat, adv = method._rgp_grads[:count], method._rgp_grads[count:]
-    expected = {n: prominence_mask(0.1 * g.abs() + 0.9 * a.abs(), 30) for n, g, a in zip(method.masked_names, nat, adv)}
     method.before_optimizer_step(model)
     optimizer.step()
     head = set(model.classifier_parameter_names())
@@ -440,7 +543,7 @@ def test_mask_interval_reuses_the_last_masks_and_a_resumed_run_applies_them():
         if step == 6:  # mid-interval: the masks of step 4 are in use
             saved = copy.deepcopy((model.state_dict(), method.state_dict(), optimizer.state_dict(), method.generator.get_state()))
         output = method.compute_loss(model, images, labels)
-        computed.append(method._rgp_grads is not None)  # the RGP gradients are taken on mask steps only
+        computed.append(method._prominence.pending)  # the RGP gradients are taken on mask steps only
         optimizer.zero_grad()
         output.loss.backward()
         method.before_optimizer_step(model)

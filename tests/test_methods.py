@@ -86,15 +86,18 @@ def test_out_of_range_attack_settings_are_refused(kwargs, message):
 
 
 def test_cure_gradient_accumulation_sums_rgp_gradients_before_masking():
+    """Over micro-batches RGP is the magnitude of the summed gradients, not a sum of magnitudes:
+    two halves of a batch give twice the whole batch's scores (the losses are means)."""
     images, labels = robust_vs_fragile_task(16)
     torch.manual_seed(0)
-    whole = build_method(MethodConfig(method="cure"), AttackConfig(steps=0, random_start="none"))
     model = tiny_model().eval()  # eval mode: no batch statistics, so halves add up to the whole
-    whole.setup(model, total_steps=1)
-    whole.compute_loss(model, images, labels)
-    full = [g.clone() for g in whole._rgp_grads]
-    whole._rgp_grads = None
-    for half in (slice(0, 8), slice(8, 16)):
-        whole.compute_loss(model, images[half], labels[half])
-    for a, b in zip(whole._rgp_grads, full):
-        torch.testing.assert_close(a / 2, b, atol=1e-6, rtol=1e-4)
+    scores = {}
+    for micro_batches, batches in ((1, [slice(None)]), (2, [slice(0, 8), slice(8, 16)])):
+        method = build_method(MethodConfig(method="cure"), AttackConfig(steps=0, random_start="none"))
+        method.micro_batches = micro_batches
+        method.setup(model, total_steps=1)
+        for batch in batches:
+            method.compute_loss(model, images[batch], labels[batch])
+        scores[micro_batches] = method._prominence.take()
+    for halves, whole in zip(scores[2], scores[1]):
+        torch.testing.assert_close(halves / 2, whole, atol=1e-6, rtol=1e-4)

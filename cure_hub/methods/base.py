@@ -82,6 +82,9 @@ class Method:
         #: Whether the model is compiled (``--compile``, :func:`compile_for_training`): models of the
         #: method's own, such as CURE's revision model, are compiled then too.
         self.compile_models: bool = False
+        #: Micro-batches per optimiser step (``gradient_accumulation_steps``), which the trainer sets
+        #: before :meth:`setup`: CURE's scores are folded as they arrive only when there is one.
+        self.micro_batches: int = 1
 
     # ---- checks before training (cure_hub.preflight calls them) -------------------------------
     @classmethod

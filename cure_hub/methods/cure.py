@@ -5,11 +5,13 @@ One optimiser step (Algorithm 1; equation numbers are the paper's, see docs/cure
 * Eq. 4  ``compute_loss``: x_adv by PGD on KL(p(x) || p(x + delta)), model in eval mode.
 * Eq. 5  ``compute_loss``: L_adv = CE(f(x), y) + beta * KL(p(x) || p(x_adv)).
 * Eq. 8  ``consistency_loss``: L_CR against the revision model; L = L_adv + gamma * L_CR.
-* Eq. 6  ``compute_loss`` takes the gradients of CE(f(x), y) and CE(f(x_adv), y) with
-  ``torch.autograd.grad`` (each through its own branch of the graph, outside any data-parallel
-  reducer); ``before_optimizer_step`` averages them across processes in one all-reduce and forms
-  RGP = alpha |g_nat| + (1 - alpha) |g_adv|.
-* Mask   ``before_optimizer_step``: per tensor, :func:`prominence_mask` zeroes the gradient of L
+* Eq. 6  ``compute_loss`` backpropagates CE(f(x), y) and CE(f(x_adv), y) to the masked weights
+  (each through its own branch of the graph, outside any data-parallel reducer), and
+  :class:`~cure_hub.methods.rgp.ProminenceScores` folds the gradients into
+  RGP = alpha |g_nat| + (1 - alpha) |g_adv| as they arrive (summed across micro-batches and
+  processes first where there are several).
+* Mask   ``before_optimizer_step``: per tensor, :func:`~cure_hub.methods.rgp.prominence_mask`
+  zeroes the gradient of L
   where RGP is below the tensor's p-th percentile (the weights "conserved" this step). With
   ``mask_interval`` k > 1 (a deviation from the paper), RGP and the masks are computed on steps
   0, k, 2k, ... only, and the last masks are applied in between.
@@ -20,13 +22,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import itertools
 import logging
 import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.profiler import record_function
@@ -37,6 +37,7 @@ from ..losses import kl_divergence
 from ..model_configs import has_pretrained_weights, loads_pretrained_weights
 from ..models import HeadNotFoundError
 from .base import MAIN_LOSS, REGULARISER, Method, StepOutput, accuracy, unwrap
+from .rgp import ADVERSARIAL, NATURAL, ProminenceScores, all_reduce_sum, prominence_masks, world_size
 
 
 logger = logging.getLogger(__name__)
@@ -46,113 +47,6 @@ logger = logging.getLogger(__name__)
 SHARDING_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 #: The revision model's share of the start at the last step from which a run is warned about.
 START_SHARE_WARNED = 0.5
-
-#: On a CPU, tensors this large take the sampled selection; its sample has _SAMPLE_SIZE entries.
-_SAMPLED_SELECTION_MIN_SIZE, _SAMPLE_SIZE = 32_768, 4096
-
-
-def prominence_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
-    """Boolean mask of the entries of ``score`` that are updated (True) or conserved (False).
-
-    Exactly ``floor(percent * n / 100)`` entries are conserved: those with the lowest scores, ties
-    at the threshold broken by position (the entry that comes first in row-major order is
-    conserved first), which matches a stable sort. A NaN score ranks above every number, as a
-    stable sort puts NaN last: a NaN entry is conserved only when every number is. Runs on
-    ``score``'s device, with no host copy of the tensor and no size limit (unlike
-    ``torch.quantile``, which stops at 16 million elements).
-    """
-    flat = torch.nan_to_num(score.detach().reshape(-1), nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    conserved = math.floor(percent * flat.numel() / 100)
-    if conserved == 0:
-        return torch.ones_like(score, dtype=torch.bool)
-    if flat.device.type == "cpu" and flat.numel() >= _SAMPLED_SELECTION_MIN_SIZE:
-        keep = _keep_mask_by_sampled_selection(flat, conserved)
-    else:
-        keep = _keep_mask_without_synchronisation(flat, conserved)
-    return keep.view_as(score)
-
-
-def prominence_masks(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
-    """:func:`prominence_mask` of each of ``scores``. On a CPU one tensor at a time (the sampled
-    selection is faster there than sorting); on an accelerator all of them together, in one sort
-    and a scatter whatever their number, with nothing read back to the host
-    (:func:`_keep_masks_by_one_sort`)."""
-    if not scores:
-        return []
-    if scores[0].device.type == "cpu" or any(score.dtype == torch.float64 for score in scores):
-        return [prominence_mask(score, percent) for score in scores]
-    return _keep_masks_by_one_sort(scores, percent)
-
-
-def _keep_masks_by_one_sort(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
-    """The masks of all ``scores`` at once, by one stable sort of a combined key: the tensor's index
-    in the high 32 bits, the score's float32 bits made order-preserving in the low 32. Sorted, each
-    tensor's entries stand in one block, in the tensors' order, in ascending order of score, ties in
-    order of position (the reference's order); each tensor's first ``floor(percent * n / 100)``
-    entries in its block are conserved. Fixed shapes, int64 positions (past 2^31 entries in all),
-    no host synchronisation. Exact for scores of 32 bits or fewer (float64 ones take the per-tensor
-    path)."""
-    sizes = [score.numel() for score in scores]
-    device = scores[0].device
-    flat = torch.cat([torch.nan_to_num(score.detach().reshape(-1).float(), nan=math.inf, posinf=math.inf, neginf=-math.inf)
-                      for score in scores])
-    flat = torch.where(flat == 0, 0.0, flat)  # -0.0 and 0.0 tie, as they compare equal
-    total = flat.numel()
-    # The sizes, block starts and conserved counts reach the device in one copy from pinned memory,
-    # which the host does not wait for (a copy from pageable memory would block it).
-    layout = torch.tensor([sizes, [0, *itertools.accumulate(sizes)][:-1], [math.floor(percent * n / 100) for n in sizes]],
-                          pin_memory=device.type == "cuda")
-    sizes_on_device, starts, conserved = layout.to(device, non_blocking=True)
-    tensor_of = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_on_device, output_size=total)
-    bits = flat.view(torch.int32).to(torch.int64)  # sign and magnitude, read as two's complement
-    ascending = torch.where(bits < 0, ~bits, bits + 2**31)  # in [0, 2^32), in the order of the floats
-    order = (tensor_of * 2**32 + ascending).sort(stable=True).indices
-    # Entry i of ``order`` belongs to tensor tensor_of[i], at rank i - start of its block.
-    keep_in_order = torch.arange(total, device=device) - starts[tensor_of] >= conserved[tensor_of]
-    keep = torch.empty(total, dtype=torch.bool, device=device)
-    keep[order] = keep_in_order
-    return [mask.view_as(score) for mask, score in zip(keep.split(sizes), scores)]
-
-
-def _keep_mask_without_synchronisation(flat: torch.Tensor, conserved: int) -> torch.Tensor:
-    """``kthvalue`` and a cumulative sum over the ties: fixed shapes, nothing read back to the host,
-    so an accelerator never waits."""
-    threshold = flat.kthvalue(conserved).values
-    below = flat < threshold
-    at_threshold = flat == threshold
-    still_needed = conserved - below.sum(dtype=torch.int64)
-    rank_among_ties = at_threshold.to(torch.int32).cumsum(0, dtype=torch.int64 if flat.numel() >= 2**31 else torch.int32)
-    return ~(below | (at_threshold & (rank_among_ties <= still_needed)))
-
-
-def _keep_mask_by_sampled_selection(flat: torch.Tensor, conserved: int) -> torch.Tensor:
-    """The same mask on a CPU, where reading a value back costs nothing and ``kthvalue`` is a
-    single-threaded quickselect over the whole tensor (most of the mask's time). As in Floyd and
-    Rivest's selection, two order statistics of a random sample bracket the threshold; a few
-    vectorised passes count the entries below the bracket and gather the few inside it, and
-    ``kthvalue`` runs on those alone. Exact: a bracket that misses falls back to the full search."""
-    size = flat.numel()
-    # A random sample: a strided one is biased on convolution weights, whose layout repeats.
-    positions = torch.randint(size, (_SAMPLE_SIZE,), generator=torch.Generator().manual_seed(size))
-    sample = flat[positions].sort().values
-    fraction = conserved / size
-    centre = fraction * sample.numel()
-    margin = 4 * math.sqrt(sample.numel() * fraction * (1 - fraction)) + 2  # four standard deviations of a sample rank
-    low_index, high_index = math.floor(centre - margin), math.ceil(centre + margin)
-    low = sample[low_index].item() if low_index >= 0 else -math.inf
-    high = sample[high_index].item() if high_index < sample.numel() else math.inf
-    below_low = int(torch.count_nonzero(flat < low))
-    window = flat[(flat >= low) & (flat <= high)]
-    rank = conserved - below_low
-    if not 0 < rank <= window.numel():
-        return _keep_mask_without_synchronisation(flat, conserved)
-    threshold = window.kthvalue(rank).values
-    keep = flat > threshold
-    still_needed = conserved - below_low - int(torch.count_nonzero(window < threshold))
-    if still_needed < int(torch.count_nonzero(window == threshold)):  # ties: conserve the first ones only
-        keep[(flat == threshold).nonzero().squeeze(1)[still_needed:]] = True
-    return keep
-
 
 def revision_rate_at(step: int, total_steps: int, rate: float, floor: float, schedule: str) -> float:
     """The revision rate r_t: constant, or decayed linearly or by a half cosine from ``rate`` at
@@ -216,7 +110,7 @@ class CURE(Method):
     #: (docs/cure.md, "The defaults against the official code and the paper"); Eq. 5 reads 1
     #: (``--cure-settings paper`` or ``--beta 1``).
     default_beta = 5.0
-    retains_graph = True  # the RGP gradients of both branches come from one graph (_grads)
+    retains_graph = True  # the RGP gradients of both branches come from one graph (ProminenceScores.add)
     collapse_advice = (
         "L_CR pulls the model towards a revision model that is still mostly its natural start (a fixed decay d near 1 "
         "over a short run): add --revision-warmup (the official code's decay warm-up), or raise --revision-rate and "
@@ -298,7 +192,7 @@ class CURE(Method):
             raise ValueError("no parameter matches the CURE mask scope; check mask_include / mask_exclude")
         self.masked_params = [named[n] for n in self.masked_names]
         self.total_steps = total_steps
-        self._rgp_grads: list[torch.Tensor] | None = None
+        self._prominence = ProminenceScores(self.masked_params, config.alpha, config.rgp_signed, self.micro_batches)
         self._step = 0  # the optimiser step being taken, counted from the method's start
         self._masks: list[torch.Tensor] | None = None  # the last masks (kept when mask_interval > 1)
         self._statistics: dict[str, torch.Tensor] = {}
@@ -354,11 +248,8 @@ class CURE(Method):
             # Scaled like the fp16 backward of L, so these gradients do not underflow either; a
             # percentile mask does not change when a score is scaled.
             with record_function("cure.rgp_gradients"):
-                grads = [
-                    *_grads(self.scale_loss(natural_ce), self.masked_params),
-                    *_grads(self.scale_loss(adversarial_term), self.masked_params),
-                ]
-            self._rgp_grads = grads if self._rgp_grads is None else [a.add_(b) for a, b in zip(self._rgp_grads, grads)]
+                self._prominence.add(self.scale_loss(natural_ce), NATURAL)
+                self._prominence.add(self.scale_loss(adversarial_term), ADVERSARIAL)
         return StepOutput(loss, metrics)
 
     # ---- Eq. 6 and the mask (Algorithm 1, the update) ---------------------------------------
@@ -368,22 +259,14 @@ class CURE(Method):
     def before_optimizer_step(self, model) -> dict[str, torch.Tensor]:
         if not self.masked_params:
             return {}
-        if self._masks_due() and self._rgp_grads is None:
+        if self._masks_due() and not self._prominence.pending:
             raise RuntimeError("before_optimizer_step called before compute_loss")
         with record_function("cure.mask"):
             return self._mask_gradients()
 
     def _compute_masks(self) -> list[torch.Tensor]:
         """Eq. 6 and the percentile mask of every masked tensor, from this step's RGP gradients."""
-        grads = _all_reduce_sum(self._rgp_grads)
-        self._rgp_grads = None
-        count, alpha = len(self.masked_params), self.config.alpha
-        scores = []
-        for g_nat, g_adv in zip(grads[:count], grads[count:]):
-            if not self.config.rgp_signed:  # the buffers are ours: work in place
-                g_nat, g_adv = g_nat.abs_(), g_adv.abs_()
-            scores.append(g_nat.mul_(alpha).add_(g_adv, alpha=1 - alpha))
-        return prominence_masks(scores, self.config.percentile)
+        return prominence_masks(self._prominence.take(), self.config.percentile)
 
     def _mask_gradients(self) -> dict[str, torch.Tensor]:
         masks = self._compute_masks() if self._masks_due() else self._masks
@@ -460,27 +343,12 @@ class CURE(Method):
             self._masks, self._step = [mask.to(p.device) for mask, p in zip(state["masks"], self.masked_params)], state["step"]
 
 
-def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
 def _floating_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b for b in model.buffers() if b.is_floating_point()]
 
 
 def _mean_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The mean over processes of each tensor (new tensors; ``tensors`` themselves in a single process)."""
-    if not tensors or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not tensors or world_size() == 1:
         return tensors
-    return [t.div_(dist.get_world_size()) for t in _all_reduce_sum([t.clone() for t in tensors])]
-
-
-def _all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Sum across processes in one flattened all-reduce (identity in a single process). A sum is
-    as good as a mean here: a percentile mask does not change when a tensor is scaled."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    return [t.div_(world_size()) for t in all_reduce_sum([t.clone() for t in tensors])]

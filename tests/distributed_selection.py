@@ -1,0 +1,62 @@
+"""Run by tests/test_cure.py under torchrun (gloo, 2 and 3 processes): the sharded selection of
+CURE's masks equals prominence_mask of the whole tensor on every process's part, for row shards
+cut as FSDP2 cuts them (consecutive rows, ceil(rows / processes) each, the last parts short or
+empty) and for the shards of real FSDP2 parameters."""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+from cure_hub.methods.rgp import prominence_mask, sharded_prominence_masks
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+
+
+def rows_of(tensor: torch.Tensor) -> torch.Tensor:
+    per_process = math.ceil(tensor.shape[0] / world)
+    start = min(rank * per_process, tensor.shape[0])
+    return tensor[start:min(start + per_process, tensor.shape[0])]
+
+
+generator = torch.Generator().manual_seed(3)  # the same tensors on every process
+shapes = [(1,), (2, 4), (7, 5), (3, 3, 3), (64, 9), (1000,), (5, 0)]
+kinds = {
+    "random": lambda shape: torch.rand(shape, generator=generator),
+    "ties": lambda shape: torch.randint(0, 3, shape, generator=generator).float(),
+    "signed zeros": lambda shape: torch.randint(-1, 2, shape, generator=generator) * 0.0,
+    "non-finite": lambda shape: torch.randn(shape, generator=generator).masked_fill(
+        torch.rand(shape, generator=generator) < 0.1, math.nan).masked_fill(torch.rand(shape, generator=generator) < 0.05, -math.inf),
+    "bf16": lambda shape: torch.randn(shape, generator=generator).bfloat16(),
+}
+checked = 0
+for kind, make in kinds.items():
+    whole = [make(shape) for shape in shapes]
+    for percent in [*range(0, 101, 5), 0.01, 1, 33.3, 99, 99.99]:
+        masks = sharded_prominence_masks([rows_of(t) for t in whole], percent, [t.numel() for t in whole])
+        for tensor, mask in zip(whole, masks):
+            expected = rows_of(prominence_mask(tensor, percent))
+            assert torch.equal(mask, expected), f"{kind}, p = {percent}, shape {tuple(tensor.shape)}, process {rank}"
+            checked += 1
+
+# The parts of real FSDP2 parameters (DTensors sharded on dim 0), scored with ties.
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
+with torch.no_grad():
+    for param in model.parameters():
+        param.copy_((param * 4).round())
+whole = [param.detach().clone() for param in model.parameters()]
+for layer in (model[0], model[2], model):
+    fully_shard(layer)
+parts = [param.to_local() for param in model.parameters()]
+assert (parts[2].numel() == 0) == (rank >= 2)  # the 2-row weight leaves a third process nothing
+for percent in (10, 30, 50, 90):
+    for tensor, part, mask in zip(whole, parts, sharded_prominence_masks(parts, percent, [t.numel() for t in whole])):
+        assert torch.equal(mask, rows_of(prominence_mask(tensor, percent))), f"FSDP2 part, p = {percent}, process {rank}"
+        checked += 1
+print(f"process {rank}: {checked} masks equal", flush=True)
+dist.barrier()  # every process done before any tears its connections down (gloo aborts otherwise)
+dist.destroy_process_group()
