@@ -27,6 +27,7 @@ from .config import WEIGHT_CHOICES
 from .evaluation import ATTACKS, INTERVAL_METHOD, NORM_NAMES, wilson_interval
 from .method_registry import METHOD_CLASSES
 from .models import ExportError, ModelSpec, check_finite, load_robust_model, read_json, save_pretrained
+from .plots import plot_layer_statistics, plot_training
 from .run_folder import RunFolder
 from .system import default_file_mode, disk_space_for, process_umask, readable_size
 
@@ -202,6 +203,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         warnings=results.get("warnings", []),
         interpolation=training.get("interpolation"),
         alarms=summary.get("alarms", []),
+        plots=[file for file in EXPORT_PLOTS if (folder / file).is_file()],
         stopped_by_alarm=summary.get("stopped_by_alarm", False),
         best_vs_last=_best_and_last_pgd(summary),
         corruptions=results.get("corruptions", {}),
@@ -285,7 +287,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
                         "versions": _package_versions(), "git_commit": summary.get("git_commit"),
                         "base_model": base_model_of(model.spec), "interpolation": interpolation}
             # The run's own export is called "export": the card takes the run's name instead.
-            _write_export(staging, model, results, training, repo_id, run.resolve().name if out.name == "export" else out.name)
+            _write_export(staging, run, model, results, training, repo_id, run.resolve().name if out.name == "export" else out.name)
         # An earlier export is set aside, not deleted in place: at every moment `out` is one whole
         # export, and what a kill leaves aside carries the partial prefix the next export sweeps.
         if out.exists():
@@ -302,10 +304,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
     return out
 
 
-def _write_export(folder: Path, model, results: dict, training: dict, repo_id: str | None, name: str) -> None:
+def _write_export(folder: Path, run: Path, model, results: dict, training: dict, repo_id: str | None, name: str) -> None:
     """An export's files into ``folder``: weights and config, results, how it was trained, its
-    RobustBench entry and its card."""
+    RobustBench entry, the plots of its run and its card."""
     save_pretrained(model, folder)
+    for file, plot in EXPORT_PLOTS.items():
+        plot(run, folder / file)
     (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
     (folder / "training_config.json").write_text(json.dumps(without_local_paths(training), indent=2))
     (folder / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, training["config"]), indent=2))
@@ -362,7 +366,9 @@ def _check_results_are_of(results: dict, run: Path, weights: str, results_file) 
 
 
 #: What an export folder holds, and nothing else: the only kind of folder ``--overwrite`` replaces.
-EXPORT_FILE_PATTERNS = ("README.md", "*.json", "*.safetensors")
+EXPORT_FILE_PATTERNS = ("README.md", "*.json", "*.safetensors", "*.png")
+#: The plots an export draws from its run (those the run's logs allow), which its card shows.
+EXPORT_PLOTS = {"training.png": plot_training, "layer_statistics.png": plot_layer_statistics}
 
 
 def is_export(folder: Path) -> bool:

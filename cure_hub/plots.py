@@ -94,10 +94,14 @@ def plot_training(run_dir: Path, output: Path) -> Path | None:
 
 def plot_layer_statistics(run_dir: Path, output: Path) -> Path | None:
     """CURE's Figure 6: per masked weight tensor, the share of entries updated and the mean
-    gradient magnitude, at the first and the last logged step of a run."""
-    records = RunFolder(run_dir).read_log(LAYER_STATISTICS)
+    gradient magnitude, at the first and the last logged step of a run. A dashed line marks the
+    share the mask keeps, 1 - p/100: a bar below it counts entries whose gradient was exactly zero
+    (a 3x3 kernel on a 1x1 feature map sees padding at all but its centre tap, so 1/9 of it moves)."""
+    folder = RunFolder(run_dir)
+    records = folder.read_log(LAYER_STATISTICS)
     if not records:
         return None
+    percentile = folder.read_config()["method"].get("percentile")
     first, last = records[0], records[-1]
     # Weight matrices and kernels only: normalisation weights and biases would crowd the axis.
     names = [n for n, layer in last["layers"].items() if layer["ndim"] >= 2]
@@ -109,10 +113,13 @@ def plot_layer_statistics(run_dir: Path, output: Path) -> Path | None:
         label = f"step {record['step']}"
         share_axes.bar([i + offset for i in positions], [layers[n]["updated_share"] for n in names], width=0.4, label=label)
         magnitude_axes.bar([i + offset for i in positions], [layers[n]["grad_magnitude"] for n in names], width=0.4, label=label)
-    share_axes.set(ylabel="share updated", ylim=(0, 1), title=f"CURE masks: {run_dir.name}")
+    if percentile is not None:
+        share_axes.axhline(1 - percentile / 100, color="black", linestyle="--", linewidth=1, label=f"kept by the mask (p = {percentile:g})")
+    share_axes.set(ylabel="share updated (non-zero)", ylim=(0, 1.25), yticks=[0, 0.25, 0.5, 0.75, 1],
+                   title=f"CURE masks: {run_dir.name}")
     magnitude_axes.set(ylabel="mean |gradient|", yscale="log")
     magnitude_axes.set_xticks(list(positions), [n.removeprefix("backbone.") for n in names], rotation=90, fontsize="x-small")
-    share_axes.legend(fontsize="small")
+    share_axes.legend(fontsize="small", ncols=3, loc="upper left")
     figure.tight_layout()
     figure.savefig(output, dpi=120)
     plt.close(figure)

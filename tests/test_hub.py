@@ -61,7 +61,8 @@ def test_round_trip_through_the_hub(kind, runs, hub, tmp_path):
     run = runs[kind]
     export = run / "export"
     library = "transformers" if kind.startswith("transformers") else "timm"
-    expected_files = {"README.md", "config.json", "model.safetensors", "eval_results.json", "training_config.json", "robustbench.json"}
+    expected_files = {"README.md", "config.json", "model.safetensors", "eval_results.json", "training_config.json", "robustbench.json",
+                      "training.png", "layer_statistics.png"}
     if library == "transformers":
         expected_files.add("preprocessor_config.json")
     assert expected_files <= {p.name for p in export.iterdir()}
@@ -75,6 +76,7 @@ def test_round_trip_through_the_hub(kind, runs, hub, tmp_path):
     pushed = cli(["push", str(export), "--repo-id", repo_id], env)
     assert pushed.returncode == 0, pushed.stderr[-3000:]
     assert "hf_write" not in pushed.stdout + pushed.stderr
+    assert set(hub.state.repos[repo_id].files("main")) == {p.name for p in export.iterdir()}  # the plots included
 
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "input.pt")
@@ -89,6 +91,7 @@ def test_round_trip_through_the_hub(kind, runs, hub, tmp_path):
     assert logits["transformers_labels"] == [str(i) for i in range(10)]
 
     card = ModelCard((tmp_path / "README.md").read_text(), ignore_metadata_errors=False)
+    assert "](training.png)" in card.text and "](layer_statistics.png)" in card.text and "1 − p/100" in card.text
     eval_results = json.loads((export / "eval_results.json").read_text())
     assert {r.metric_args["attack"]: r.metric_value for r in card.data.eval_results} == eval_results["accuracy"]
     assert all(r.metric_config == "Linf-8/255" for r in card.data.eval_results)
