@@ -8,6 +8,7 @@ import dataclasses
 import fnmatch
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
         raise InputError("--resume continues the evaluation that writes --output FILE: pass its --output")
     if args.output:  # before the evaluation, not after it
         check_results_file(args.output)
+    if args.propose_to_card:  # a token that cannot open the pull request stops the command before the evaluation
+        check_proposal(args)
     model = None if args.checkpoint else load_robust_model(args.model, weights=args.weights)  # first: it has its crop
     data_config = DataConfig(dataset=args.dataset, eval_split=args.split, eval_split_fraction=args.eval_split_fraction,
                              image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
@@ -136,12 +139,39 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
             temporary = output.with_name(f".{output.name}.tmp")
             temporary.write_text(json.dumps(results, indent=2))
             os.replace(temporary, output)  # a results file is whole or absent
+        if args.propose_to_card:
+            from .proposals import propose_results_to_card
+
+            url = propose_results_to_card(args.model, results, reproduce_command(args), overwrite=args.overwrite_results)
+            print(f"proposed the results to the card of {args.model}: {url}")
     if args.output:
         state.remove()
         if args.plots:
             for path in write_plots([args.output], args.plots):
                 print(f"wrote {path}")
     return 0
+
+
+def check_proposal(args: argparse.Namespace) -> None:
+    """``--propose-to-card`` needs a Hub model and a token that may open a pull request on it."""
+    from .hub import check_push_access
+    from .hub_results import looks_like_hub_id
+
+    if args.checkpoint or args.weights != "last" or not looks_like_hub_id(args.model):
+        raise InputError(f"--propose-to-card proposes results to a Hub model's card: {args.model!r} is no Hub model id "
+                         "(owner/name) evaluated as it is (without --checkpoint or --weights)")
+    check_push_access(args.model)
+
+
+def reproduce_command(args: argparse.Namespace) -> str:
+    """The ``cure-hub eval`` command that measures the same results."""
+    from .hub_results import ThreatModel
+
+    options = {"--dataset": args.dataset, "--split": args.split, "--attacks": args.attacks, "--norm": args.norm,
+               "--epsilon": ThreatModel(args.norm, args.epsilon).epsilon_text, "--n-examples": args.n_examples,
+               "--image-size": args.image_size, "--crop-pct": args.crop_pct, "--seed": args.seed}
+    return shlex.join(["cure-hub", "eval", args.model, *(str(part) for option, value in options.items()
+                                                          if value is not None for part in (option, value))])
 
 
 def check_results_file(output: str) -> None:
@@ -288,6 +318,11 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--other-classes", action="store_true", help="Evaluate on data whose class names are not the "
                           "model's, comparing label indices (the results and the card carry the warning).")
     evaluate.add_argument("--plots", help="Write PNG plots of the results (with --output) to this folder.")
+    evaluate.add_argument("--propose-to-card", action="store_true",
+                          help="Open a pull request on the Hub model's repository that adds the results to its card's "
+                               "model-index (docs/hub-results.md), or update the one opened before; needs a write token.")
+    evaluate.add_argument("--overwrite-results", action="store_true",
+                          help="With --propose-to-card: propose results in place of the card's own of the same protocol.")
     evaluate.set_defaults(run=_eval)
     plot = commands.add_parser("plot", help="Plots from results JSON files and training run folders.")
     plot.add_argument("inputs", nargs="+", help="results.json files (ε sweep, trade-off) and run folders (training curves).")

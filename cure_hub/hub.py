@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .config import WEIGHT_CHOICES
 from .evaluation import ATTACKS, INTERVAL_METHOD, NORM_NAMES, wilson_interval
+from .hub_results import ThreatModel, eval_results, looks_like_hub_id
 from .method_registry import METHOD_CLASSES
 from .models import ExportError, ModelSpec, check_finite, load_robust_model, read_json, save_pretrained
 from .plots import plot_layer_statistics, plot_training
@@ -73,11 +74,6 @@ def _eval_results_from_run(run: Path, weights: str, config: dict) -> dict:
     }
 
 
-def _epsilon_text(epsilon: float) -> str:
-    in_255 = epsilon * 255
-    return f"{in_255:g}/255" if abs(in_255 - round(in_255, 2)) < 1e-6 else f"{epsilon:g}"
-
-
 def robustbench_path(results: dict, name: str) -> str:
     """Where a RobustBench entry goes in its repository."""
     return f"model_info/{_robustbench_dataset(results['dataset'])}/{NORM_NAMES[results['norm']]}/{name}.json"
@@ -121,7 +117,7 @@ def robustbench_entry(spec: ModelSpec, results: dict, config: dict) -> dict:
         "dataset": _robustbench_dataset(results["dataset"]),
         "venue": "",
         "architecture": spec.architecture,
-        "eps": _epsilon_text(results["epsilon"]),
+        "eps": ThreatModel(results["norm"], results["epsilon"]).epsilon_text,
         "clean_acc": percent(accuracy["clean"]) if "clean" in accuracy else "",
         "reported": "",
         "autoattack_acc": percent(aa) if aa is not None and full_set else "",
@@ -131,8 +127,9 @@ def robustbench_entry(spec: ModelSpec, results: dict, config: dict) -> dict:
 
 
 def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str | None = None):
-    """Render the model card of an export folder from ``model_cards/robust_model.md``."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    """Render the model card of an export folder from ``model_cards/robust_model.md``; its
+    ``model-index`` follows docs/hub-results.md (:mod:`cure_hub.hub_results`)."""
+    from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
     name = repo_id or name or folder.name
@@ -141,19 +138,9 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
     spec = ModelSpec.from_dict(training["model_spec"])
     config, summary = training["config"], training.get("summary", {})
     method = config["method"]["method"]
-    threat_model = f"{NORM_NAMES[results['norm']]}-{_epsilon_text(results['epsilon'])}"
+    threat_model = ThreatModel(results["norm"], results["epsilon"])
     dataset = results["dataset"]
-    hub_dataset = dataset if _looks_like_hub_id(dataset) else None
-    eval_results = [
-        EvalResult(
-            task_type="image-classification", task_name="Image Classification",
-            dataset_type=hub_dataset or Path(dataset).name, dataset_name=Path(dataset).name, dataset_split=results["split"],
-            metric_type="accuracy", metric_name=f"{ATTACK_NAMES.get(name, name)} accuracy", metric_value=value,
-            metric_config=threat_model,
-            metric_args={"attack": name, "epsilon": results["epsilon"], "norm": results["norm"], "n_examples": results["n_examples"]},
-        )
-        for name, value in results["accuracy"].items()
-    ]
+    hub_dataset = dataset if looks_like_hub_id(dataset) else None
     base_model = base_model_of(spec)
     card_data = ModelCardData(
         library_name=spec.library,
@@ -165,7 +152,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         # The Hub lists the model under its base model as a fine-tune (its model tree).
         base_model_relation="finetune" if base_model else None,
         model_name=name,
-        eval_results=eval_results,
+        eval_results=eval_results(results),
     )
     method_class = METHOD_CLASSES[method]
     attack = config["attack"]
@@ -185,10 +172,11 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         image_size=spec.image_size,
         mean=list(spec.mean), std=list(spec.std),
         weights=training["weights"], weights_description=WEIGHT_CHOICES[training["weights"]],
-        n_examples=n, threat_model=threat_model, norm=results["norm"], epsilon_text=_epsilon_text(results["epsilon"]),
+        n_examples=n, threat_model=str(threat_model), norm=results["norm"], epsilon_text=threat_model.epsilon_text,
         accuracy=results["accuracy"], nrr=results.get("nrr", {}), attack_names=ATTACK_NAMES,
         num_classes=spec.num_classes, near_chance=results["accuracy"].get("clean", 1.0) < 2 / spec.num_classes,
-        attack_settings=f"ε = {_epsilon_text(attack['epsilon'])}, step {_epsilon_text(attack['step_size'])}, {attack['steps']} steps",
+        attack_settings=f"ε = {ThreatModel(attack['norm'], attack['epsilon']).epsilon_text}, step "
+                    f"{ThreatModel(attack['norm'], attack['step_size']).epsilon_text}, {attack['steps']} steps",
         optimiser=f"{optim['optimizer'].upper()} (lr {optim['lr']}, {optim['lr_schedule']}, weight decay {optim['weight_decay']})",
         steps=summary.get("steps", "?"), epochs=f"{summary.get('epochs', 0):.1f}", batch_size=optim["batch_size"],
         starting_point=f"`{spec.source}`" if spec.source else ("natural warm-up of " + str(optim["warmup_epochs"]) + " epochs" if optim["warmup_epochs"] else "random initialisation"),
@@ -224,7 +212,7 @@ def _best_and_last_pgd(summary: dict) -> tuple[float, float] | None:
 def base_model_of(spec: ModelSpec) -> str | None:
     """The Hub repository the model was fine-tuned from, if it came from one."""
     source = spec.source
-    return source if source and _looks_like_hub_id(source) and not Path(source).exists() else None
+    return source if source and looks_like_hub_id(source) and not Path(source).exists() else None
 
 
 def _card_template() -> Path:
@@ -235,11 +223,6 @@ def _card_template() -> Path:
         if (template := root / "model_cards" / "robust_model.md").is_file():
             return template
     raise FileNotFoundError("model card template model_cards/robust_model.md not found; reinstall cure-hub")
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/")) and not Path(text).exists()
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "last",

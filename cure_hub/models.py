@@ -41,6 +41,7 @@ from .model_configs import (
     transformers_config,
     vision_config,
 )
+from .hub_results import ThreatModel
 from .preprocessing import PixelMap, UnsupportedProcessorError, pixel_map, processor_applying
 from .run_folder import RunFolder
 
@@ -140,6 +141,9 @@ class RobustClassifier(nn.Module):
 
     #: Whether :meth:`forward` hands the backbone channels-last images (:meth:`to_channels_last`).
     channels_last = False
+    #: The threat model the weights were evaluated under (:func:`load_robust_model` sets it from
+    #: the export's results or the run's attack; None where nothing says).
+    threat_model: ThreatModel | None = None
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec):
         super().__init__()
@@ -478,9 +482,27 @@ def load_robust_model(location: str | os.PathLike, revision: str | None = None, 
     ``from_pretrained`` returns models): ready for inference, batch-norm statistics frozen.
 
     ``location`` is a training run folder (``weights`` picks ``last``, ``best`` or ``revision``),
-    an export folder, or a Hub repository id (``revision``: a branch, tag or commit).
+    an export folder, or a Hub repository id (``revision``: a branch, tag or commit). Its
+    :attr:`~RobustClassifier.threat_model` is the one it was evaluated under.
     """
-    return _load_robust_model(str(location), revision, weights).eval()
+    model = _load_robust_model(str(location), revision, weights).eval()
+    model.threat_model = _evaluated_threat_model(str(location), revision)
+    return model
+
+
+def _evaluated_threat_model(location: str, revision: str | None) -> ThreatModel | None:
+    """The threat model of an export's ``eval_results.json``, or of a run's training attack."""
+    run = RunFolder(location)
+    if run.is_run():
+        attack = run.read_config()["attack"]
+        return ThreatModel(attack["norm"], attack["epsilon"])
+    try:
+        results_file = Path(location) / "eval_results.json" if Path(location).is_dir() else Path(
+            download_from_hub(location, "eval_results.json", revision=revision))
+        results = read_json(results_file)
+    except FileNotFoundError:  # a repository with no results of ours
+        return None
+    return ThreatModel(results["norm"], results["epsilon"])
 
 
 def _load_robust_model(location: str, revision: str | None, weights: str) -> RobustClassifier:

@@ -33,6 +33,7 @@ class Repo:
         self.commits: dict[str, dict[str, dict]] = {}  # commit oid -> path -> file entry
         self.refs: dict[str, str | None] = {"main": None}
         self.pull_requests = 0
+        self.discussions: list[dict] = []  # as the Hub lists them, with each pull request's description
 
     def files(self, revision: str) -> dict[str, dict] | None:
         oid = self.refs.get(revision, revision if revision in self.commits else None)
@@ -113,23 +114,40 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self):
-        parts, _ = self._route()
+        parts, query = self._route()
         if parts[:2] == ["api", "whoami-v2"]:
             role = self._role()
             if role is None:
                 return self._error(401, "Invalid credentials in Authorization header")
             return self._send(200, {"type": "user", "name": "tester", "fullname": "Tester", "orgs": [],
                                     "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}})
+        if parts[:2] == ["api", "models"] and len(parts) == 5 and parts[4] == "discussions":
+            return self._discussions("/".join(parts[2:4]), query)
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id = "/".join(parts[2:4])
             revision = parts[5] if len(parts) >= 6 and parts[4] == "revision" else "main"
             return self._model_info(repo_id, revision)
         if "resolve" in parts:
             index = parts.index("resolve")
-            return self._resolve("/".join(parts[:index]), parts[index + 1], "/".join(parts[index + 2:]))
+            # A pull request's revision, refs/pr/N, arrives quoted but is split with the path.
+            length = 3 if parts[index + 1:index + 3] == ["refs", "pr"] else 1
+            return self._resolve("/".join(parts[:index]), "/".join(parts[index + 1:index + 1 + length]),
+                                 "/".join(parts[index + 1 + length:]))
         if parts[0] == "lfs-objects" and len(parts) == 2 and parts[1] in self.hub.lfs:
             return self._send(200, body=self.hub.lfs[parts[1]], headers={"Content-Type": "application/octet-stream"})
         self._error(404, f"no route for GET {self.path}")
+
+    def _discussions(self, repo_id: str, query: dict):
+        """A repository's discussions and pull requests, filtered as ``HfApi.get_repo_discussions`` asks."""
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        wanted = {key: query[key][0] for key in ("author", "type", "status") if key in query and query[key][0] != "all"}
+        listed = [d for d in repo.discussions
+                  if wanted.get("author", d["author"]["name"]) == d["author"]["name"]
+                  and wanted.get("status", d["status"]) == d["status"]
+                  and wanted.get("type", "pull_request" if d["isPullRequest"] else "discussion") == ("pull_request" if d["isPullRequest"] else "discussion")]
+        self._send(200, {"discussions": listed, "count": len(listed), "start": 0, "numClosedDiscussions": 0})
 
     def _model_info(self, repo_id: str, revision: str):
         repo = self._repo(repo_id)
@@ -261,12 +279,12 @@ class Handler(BaseHTTPRequestHandler):
             if base is None:
                 return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
             files = dict(base)
-            summary = ""
+            summary = description = ""
             for line in body.decode().splitlines():
                 item = json.loads(line)
                 value = item["value"]
                 if item["key"] == "header":
-                    summary = value.get("summary", "")
+                    summary, description = value.get("summary", ""), value.get("description", "")
                 elif item["key"] == "file":
                     files[value["path"]] = {"data": base64.b64decode(value["content"])}
                 elif item["key"] == "lfsFile":
@@ -281,6 +299,10 @@ class Handler(BaseHTTPRequestHandler):
             if query.get("create_pr", ["0"])[0] in ("1", "true", "True"):
                 repo.pull_requests += 1
                 repo.refs[f"refs/pr/{repo.pull_requests}"] = oid
+                repo.discussions.append({
+                    "num": repo.pull_requests, "title": summary, "description": description, "status": "open",
+                    "author": {"name": "tester"}, "createdAt": "2026-12-07T00:00:00.000Z", "isPullRequest": True,
+                    "repo": {"name": repo_id, "type": "model"}})
                 pull_request = f"{self.server.endpoint}/{repo_id}/discussions/{repo.pull_requests}"
             else:
                 repo.refs[revision] = oid

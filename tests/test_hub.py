@@ -12,6 +12,7 @@ from cure_hub.cli import main as cli_main
 from cure_hub.config import TrainConfig
 from cure_hub.evaluation import wilson_interval
 from cure_hub.hub import export_run, rerender_card
+from cure_hub.hub_results import ThreatModel, eval_results, robust_results
 from cure_hub.models import ExportError, RobustClassifier, load_robust_model
 from cure_hub.trainer import Trainer
 from hub_server import LOAD_SCRIPT, LoopbackHub, hub_env
@@ -528,3 +529,137 @@ def test_the_card_names_the_split_a_run_held_out_for_its_evaluation(tmp_path):
     card = (tmp_path / "run" / "export" / "README.md").read_text()
     assert "Evaluated on 9 examples of the held_out split of digits" in card
     assert "split: held_out" in card and "split: test" not in card
+
+
+READ_RESULTS = """
+import json, sys
+from cure_hub import load_robust_model
+from cure_hub.hub_results import robust_results
+print(json.dumps({"results": [(r.attack, r.accuracy, r.n_examples, r.seed) for r in robust_results(sys.argv[1])],
+                  "threat_model": str(load_robust_model(sys.argv[1]).threat_model)}))
+"""
+
+
+def test_a_card_we_write_round_trips_through_model_card_and_our_reader(runs, hub, tmp_path):
+    """docs/hub-results.md: every field of the results reaches the card's model-index and comes back
+    through huggingface_hub's ModelCard and robust_results, locally and from the Hub."""
+    out = export_run(runs["cifar"], tmp_path / "export")
+    results = json.loads((out / "eval_results.json").read_text())
+    results.update(accuracy={"clean": 0.5, "pgd20": 0.25, "aa": 0.2}, n_examples=200, split_examples=10000, split="test", seed=3,
+                   intervals={"clean": [0.43, 0.57], "pgd20": [0.2, 0.31], "aa": [0.15, 0.26]},
+                   interval_method="Wilson score interval, 95 %")
+    (tmp_path / "new.json").write_text(json.dumps(results))
+    cli_main(["card", str(out), "--eval-results", str(tmp_path / "new.json")])
+    ModelCard.load(out / "README.md").save(tmp_path / "again.md")
+    read = robust_results(out)
+    assert robust_results(tmp_path / "again.md") == read
+    assert [r.attack for r in read] == ["clean", "pgd20", "aa"]
+    for result in read:
+        assert result.accuracy == results["accuracy"][result.attack]
+        assert result.interval == tuple(results["intervals"][result.attack])
+        assert result.threat_model == ThreatModel("linf", 8 / 255) and result.dataset_config == "Linf-8/255"
+        assert (result.n_examples, result.split_examples, result.sampling, result.seed) == (200, 10000, "class-balanced subset", 3)
+        assert result.is_subset and result.split == "test" and result.source_name.startswith("cure-hub ")
+        assert result.autoattack_version == ("standard" if result.attack == "aa" else None)
+    assert read[2].metric_name == "Robust accuracy (AutoAttack standard, Linf, eps=8/255; 200 of the 10000 test examples)"
+    assert "verified" not in (out / "README.md").read_text()
+    assert load_robust_model(out).threat_model == ThreatModel("linf", 8 / 255)
+
+    env = hub_env(hub, tmp_path / "home")
+    assert cli(["push", str(out), "--repo-id", "tester/results"], env).returncode == 0
+    remote = subprocess.run([sys.executable, "-c", READ_RESULTS, "tester/results"], env=env, capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert json.loads(remote.stdout) == {"results": [["clean", 0.5, 200, 3], ["pgd20", 0.25, 200, 3], ["aa", 0.2, 200, 3]],
+                                         "threat_model": "Linf-8/255"}
+
+
+def test_results_of_two_threat_models_keep_their_own_group_and_source():
+    """huggingface_hub merges results sharing task, dataset, config and split, keeping the first
+    one's source: a config per threat model keeps them apart."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    base = {"dataset": "uoft-cs/cifar10", "split": "test", "n_examples": 100, "accuracy": {"clean": 0.8, "aa": 0.4}}
+    written = (eval_results({**base, "norm": "linf", "epsilon": 8 / 255}, source_name="cure-hub 1")
+               + eval_results({**base, "norm": "l2", "epsilon": 0.5}, source_name="a paper", source_url="https://arxiv.org"))
+    index = eval_results_to_model_index("m", written)
+    assert [group["dataset"]["config"] for group in index[0]["results"]] == ["Linf-8/255", "L2-0.5"]
+    _, back = model_index_to_eval_results(index)
+    assert [(r.dataset_config, r.source_name, r.metric_args["norm"]) for r in back] == [
+        ("Linf-8/255", "cure-hub 1", "linf"), ("Linf-8/255", "cure-hub 1", "linf"), ("L2-0.5", "a paper", "l2"), ("L2-0.5", "a paper", "l2")]
+
+
+THEIR_CARD = """---
+license: mit
+tags:
+- their-tag
+model-index:
+- name: their-model
+  results:
+  - task:
+      type: image-classification
+    dataset:
+      name: ImageNet
+      type: imagenet-1k
+      split: validation
+    metrics:
+    - type: accuracy
+      value: 0.81
+      name: Top-1 accuracy
+    source:
+      name: Their paper
+      url: https://example.org/paper
+---
+
+# Their model
+
+Their words, which a proposal keeps.
+"""
+
+
+def test_eval_proposes_results_to_any_cards_pull_request_and_updates_its_own(runs, hub, tmp_path):
+    """--propose-to-card: one pull request whose card keeps the metadata, prose and other results,
+    updated rather than duplicated when run again; a result of the same protocol on main is
+    replaced only with --overwrite-results; a read-only token stops before evaluating."""
+    import shutil
+
+    theirs = tmp_path / "theirs"
+    shutil.copytree(runs["cifar"] / "export", theirs)
+    (theirs / "README.md").write_text(THEIR_CARD)
+    env = hub_env(hub, tmp_path / "home")
+    assert cli(["push", str(theirs), "--repo-id", "tester/theirs"], env).returncode == 0
+    repo = hub.state.repos["tester/theirs"]
+    main_before = repo.refs["main"]
+    evaluate = ["eval", "tester/theirs", "--dataset", "digits", "--attacks", "clean,pgd20", "--n-examples", "40", "--propose-to-card"]
+
+    def card_at(revision):
+        entry = repo.files(revision)["README.md"]
+        return ModelCard((hub.state.lfs[entry["lfs_oid"]] if "lfs_oid" in entry else entry["data"]).decode())
+
+    first = cli(evaluate, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "proposed the results to the card of tester/theirs:" in first.stdout and "/discussions/1" in first.stdout
+    assert repo.refs["main"] == main_before and repo.pull_requests == 1
+    card = card_at("refs/pr/1")
+    assert card.data.license == "mit" and card.data.tags == ["their-tag"] and "Their words, which a proposal keeps." in card.text
+    assert [(r.metric_name, r.source_name) for r in card.data.eval_results][0] == ("Top-1 accuracy", "Their paper")
+    ours = {r.metric_args["attack"]: r for r in card.data.eval_results[1:]}
+    assert set(ours) == {"clean", "pgd20"} and all(r.dataset_config == "Linf-8/255" for r in ours.values())
+    assert ours["pgd20"].metric_name == "Robust accuracy (PGD-20, Linf, eps=8/255; 40 of the 360 test examples)"
+    description = repo.discussions[0]["description"]
+    assert "cure-hub eval tester/theirs --dataset digits --attacks clean,pgd20 --norm linf --epsilon 8/255 --n-examples 40 --seed 0" in description
+
+    again = cli(evaluate, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert repo.pull_requests == 1 and len(card_at("refs/pr/1").data.eval_results) == 3  # its own pull request, updated
+
+    repo.refs["main"], repo.discussions[0]["status"] = repo.refs["refs/pr/1"], "merged"  # the owner merges it
+    clash = cli(evaluate, env)
+    assert clash.returncode == 2 and "Traceback" not in clash.stderr
+    assert "card already has results of this protocol" in clash.stderr and "--overwrite-results" in clash.stderr
+    replaced = cli([*evaluate, "--overwrite-results"], env)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert repo.pull_requests == 2 and len(card_at("refs/pr/2").data.eval_results) == 3
+
+    read_only = cli(evaluate, hub_env(hub, tmp_path / "home", token="hf_read"))
+    assert read_only.returncode == 2 and "read-only" in read_only.stderr and "evaluating" not in read_only.stderr
+    assert repo.pull_requests == 2
