@@ -87,6 +87,12 @@ def _evaluate(args: argparse.Namespace, processes) -> int:
                              image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
                              crop_pct=args.crop_pct or (model.spec.crop_pct if model else None), subset_seed=args.seed)
     dataset, split, class_names, split_size, split_indices = load_eval_split(data_config, args.n_examples)
+    if args.propose_to_card:  # a card that holds results of this protocol refuses them before the evaluation
+        from .proposals import check_protocols_free
+
+        planned = {"dataset": args.dataset, "split": split, "n_examples": len(dataset), "split_examples": split_size,
+                   "norm": args.norm, "epsilon": args.epsilon, "accuracy": dict.fromkeys(("clean", *suite.robust_attacks), 0.0)}
+        check_protocols_free(args.model, planned, args.overwrite_results)
     corrupted_copy = None
     if corruptions:
         corrupted_copy = (CorruptedCopy(args.corruptions_dataset, corruptions, suite.severities, split_size)

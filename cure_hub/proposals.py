@@ -33,10 +33,8 @@ def propose_results_to_card(repo_id: str, results: dict, command: str, overwrite
     measured = {protocol(result) for result in ours}
     with hub_faults(repo_id, None, f"run `{command} --propose-to-card` again"):
         main = _card(repo_id, None, api.token)
-        if (clashes := [r for r in main.data.eval_results or [] if protocol(r) in measured]) and not overwrite:
-            raise HubPushError(
-                f"{repo_id}'s card already has results of this protocol ({', '.join(r.metric_name for r in clashes)}): pass "
-                "--overwrite-results to propose the new ones in their place")
+        if not overwrite:
+            _refuse_clashes(repo_id, main, measured)
         user = api.whoami()["name"]
         mine = next((d for d in api.get_repo_discussions(repo_id, author=user, discussion_type="pull_request", discussion_status="open")
                      if d.title == PULL_REQUEST_TITLE), None)
@@ -48,6 +46,23 @@ def propose_results_to_card(repo_id: str, results: dict, command: str, overwrite
             repo_id, operations=[CommitOperationAdd("README.md", str(card).encode())], commit_message=PULL_REQUEST_TITLE,
             commit_description=_description(results, command), revision=revision, create_pr=mine is None)
     return commit.pr_url or f"{constants.ENDPOINT}/{repo_id}/discussions/{mine.num}"
+
+
+def check_protocols_free(repo_id: str, planned: dict, overwrite: bool = False) -> None:
+    """Before an evaluation: refuse one whose results ``planned`` (results.json's shape, any
+    accuracies) would clash with results of the same protocol on the card's main branch, unless
+    ``overwrite``. :func:`propose_results_to_card` checks again afterwards."""
+    if overwrite:
+        return
+    with hub_faults(repo_id, None, "run the command again"):
+        _refuse_clashes(repo_id, _card(repo_id, None, check_push_access(repo_id).token), {protocol(r) for r in eval_results(planned)})
+
+
+def _refuse_clashes(repo_id: str, card, measured: set) -> None:
+    if clashes := [r for r in card.data.eval_results or [] if protocol(r) in measured]:
+        raise HubPushError(
+            f"{repo_id}'s card already has results of this protocol ({', '.join(r.metric_name for r in clashes)}): pass "
+            "--overwrite-results to propose the new ones in their place")
 
 
 def _card(repo_id: str, revision: str | None, token: str):
