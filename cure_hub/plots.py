@@ -74,10 +74,11 @@ def plot_tradeoff(results_files: list[Path], output: Path, robust: str = "pgd20"
 
 
 def plot_training(run_dir: Path, output: Path) -> Path | None:
-    """Clean and PGD accuracy of the evaluations during a run: robust overfitting shows here."""
+    """Clean and PGD accuracy of the evaluations during a run: robust overfitting shows here. A
+    run evaluated once has no curve to draw."""
     records = RunFolder(run_dir).read_log(METRICS)
     evals = [r for r in records if "eval/clean_acc" in r]
-    if not evals:
+    if len(evals) < 2:
         return None
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5, 3.5))

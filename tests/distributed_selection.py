@@ -4,6 +4,7 @@ cut as FSDP2 cuts them (consecutive rows, ceil(rows / processes) each, the last 
 empty) and for the shards of real FSDP2 parameters."""
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ kinds = {
 checked = 0
 for kind, make in kinds.items():
     whole = [make(shape) for shape in shapes]
-    for percent in [*range(0, 101, 5), 0.01, 1, 33.3, 99, 99.99]:
+    for percent in [*range(0, 101, 10), 0.01, 1, 33.3, 99, 99.99]:
         masks = sharded_prominence_masks([rows_of(t) for t in whole], percent, [t.numel() for t in whole])
         for tensor, mask in zip(whole, masks):
             expected = rows_of(prominence_mask(tensor, percent))
@@ -58,5 +59,7 @@ for percent in (10, 30, 50, 90):
         assert torch.equal(mask, rows_of(prominence_mask(tensor, percent))), f"FSDP2 part, p = {percent}, process {rank}"
         checked += 1
 print(f"process {rank}: {checked} masks equal", flush=True)
-dist.barrier()  # every process done before any tears its connections down (gloo aborts otherwise)
-dist.destroy_process_group()
+dist.barrier()
+# Leave without running destructors: under load, gloo's threads torn down at interpreter exit
+# after fully_shard aborted a process now and then ("terminate called without an active exception").
+os._exit(0)

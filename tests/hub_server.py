@@ -346,7 +346,9 @@ def hub_env(hub, home, token="hf_write", **extra) -> dict:
 
 #: Run in a process with the ``hub_env`` of a loopback Hub: ``python -c LOAD_SCRIPT REPO LIBRARY OUT``
 #: loads REPO through cure_hub, timm's ``hf-hub:`` (timm layout) and transformers' Auto classes,
-#: on ``OUT/input.pt``, and saves every library's logits to ``OUT/logits.pt`` and the card to OUT.
+#: on ``OUT/input.pt``, and saves every library's logits to ``OUT/logits.pt``, the card to OUT, and
+#: what ``cure_hub.robust_results`` and ``load_robust_model(...).threat_model`` read from the Hub to
+#: ``OUT/robust_results.json``.
 LOAD_SCRIPT = """
 import json, sys, torch
 import cure_hub, timm
@@ -369,4 +371,7 @@ results["transformers"] = hf(pixel_values=normalised).logits
 results["transformers_labels"] = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
 torch.save(results, out + "/logits.pt")
 open(out + "/README.md", "w").write(open(hf_hub_download(repo, "README.md")).read())
+read = cure_hub.robust_results(repo)
+json.dump({"results": {r.attack: r.accuracy for r in read}, "threat_model": str(cure_hub.load_robust_model(repo).threat_model)},
+          open(out + "/robust_results.json", "w"))
 """

@@ -248,7 +248,7 @@ def test_sharded_selection_equals_the_whole_tensors_mask_on_every_process(proces
     script = str(Path(__file__).parent / "distributed_selection.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()), script]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     assert result.stdout.count("masks equal") == processes
 
 

@@ -94,6 +94,8 @@ def test_warmup_epochs_train_naturally_then_switch(tmp_path):
     assert all("train/consistency" not in r for r in train_records if r["step"] <= steps_per_epoch)
     assert all("train/consistency" in r for r in train_records if r["step"] > steps_per_epoch)
     assert [r["step"] for r in records if "eval/clean_acc" in r] == [steps_per_epoch, 2 * steps_per_epoch]
+    export = tmp_path / "run" / "export"  # two evaluations make a curve: the export draws it and its card shows it
+    assert (export / "training.png").is_file() and "](training.png)" in (export / "README.md").read_text()
 
 
 def test_layer_statistics_are_written_on_logged_steps(tmp_path):
