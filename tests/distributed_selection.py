@@ -1,7 +1,8 @@
-"""Run by tests/test_cure.py under torchrun (gloo, 2 and 3 processes): the sharded selection of
-CURE's masks equals prominence_mask of the whole tensor on every process's part, for row shards
-cut as FSDP2 cuts them (consecutive rows, ceil(rows / processes) each, the last parts short or
-empty) and for the shards of real FSDP2 parameters."""
+"""Run by tests/test_cure.py under torchrun (gloo, 3 processes): the sharded selection of CURE's
+masks equals prominence_mask of the whole tensor on every process's part, for row shards cut as
+FSDP2 cuts them (consecutive rows, ceil(rows / processes) each, the last parts short or empty),
+over all three processes and over a group of the first two, and for the shards of real FSDP2
+parameters."""
 
 import math
 import os
@@ -15,11 +16,13 @@ from cure_hub.methods.rgp import prominence_mask, sharded_prominence_masks
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
+pair = dist.new_group([0, 1])  # every process takes part in making it
 
 
-def rows_of(tensor: torch.Tensor) -> torch.Tensor:
-    per_process = math.ceil(tensor.shape[0] / world)
-    start = min(rank * per_process, tensor.shape[0])
+def rows_of(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    size, index = dist.get_world_size(group), dist.get_rank(group)
+    per_process = math.ceil(tensor.shape[0] / size)
+    start = min(index * per_process, tensor.shape[0])
     return tensor[start:min(start + per_process, tensor.shape[0])]
 
 
@@ -35,13 +38,16 @@ kinds = {
 }
 checked = 0
 for kind, make in kinds.items():
-    whole = [make(shape) for shape in shapes]
-    for percent in [*range(0, 101, 10), 0.01, 1, 33.3, 99, 99.99]:
-        masks = sharded_prominence_masks([rows_of(t) for t in whole], percent, [t.numel() for t in whole])
-        for tensor, mask in zip(whole, masks):
-            expected = rows_of(prominence_mask(tensor, percent))
-            assert torch.equal(mask, expected), f"{kind}, p = {percent}, shape {tuple(tensor.shape)}, process {rank}"
-            checked += 1
+    whole = [make(shape) for shape in shapes]  # made on every process: the generator stays in step
+    for group in (None, pair):
+        if group is pair and rank > 1:
+            continue
+        for percent in [*range(0, 101, 10), 0.01, 1, 33.3, 99, 99.99]:
+            masks = sharded_prominence_masks([rows_of(t, group) for t in whole], percent, [t.numel() for t in whole], group)
+            for tensor, mask in zip(whole, masks):
+                expected = rows_of(prominence_mask(tensor, percent), group)
+                assert torch.equal(mask, expected), f"{kind}, p = {percent}, shape {tuple(tensor.shape)}, process {rank}, {group}"
+                checked += 1
 
 # The parts of real FSDP2 parameters (DTensors sharded on dim 0), scored with ties.
 torch.manual_seed(0)
@@ -53,7 +59,7 @@ whole = [param.detach().clone() for param in model.parameters()]
 for layer in (model[0], model[2], model):
     fully_shard(layer)
 parts = [param.to_local() for param in model.parameters()]
-assert (parts[2].numel() == 0) == (rank >= 2)  # the 2-row weight leaves a third process nothing
+assert (parts[2].numel() == 0) == (rank >= 2)  # the 2-row weight leaves the third process nothing
 for percent in (10, 30, 50, 90):
     for tensor, part, mask in zip(whole, parts, sharded_prominence_masks(parts, percent, [t.numel() for t in whole])):
         assert torch.equal(mask, rows_of(prominence_mask(tensor, percent))), f"FSDP2 part, p = {percent}, process {rank}"

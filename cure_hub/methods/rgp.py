@@ -156,8 +156,9 @@ def _keep_mask_by_sampled_selection(flat: torch.Tensor, conserved: int) -> torch
     return keep
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def world_size(group=None) -> int:
+    """The processes of ``group`` (the default group when None); 1 without torch.distributed."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -310,7 +311,7 @@ def sharded_prominence_masks(shards: list[torch.Tensor], percent: float, sizes: 
         for index, key in enumerate(keys):
             matches = (key >> (shift + 8)) == prefix[index]
             histograms[index].scatter_add_(0, (key >> shift) & 255, matches.to(torch.int64))
-        if world_size() > 1:
+        if world_size(group) > 1:
             dist.all_reduce(histograms, group=group)
         at_or_below = histograms.cumsum(1)
         # The bin holding the remaining-th smallest key (the first bin when nothing is to be conserved).
@@ -321,8 +322,8 @@ def sharded_prominence_masks(shards: list[torch.Tensor], percent: float, sizes: 
     # prefix is each tensor's threshold key; ``remaining`` entries at it are conserved, earliest first.
     at_threshold = [key == prefix[index] for index, key in enumerate(keys)]
     counts = torch.stack([tied.sum(dtype=torch.int64) for tied in at_threshold])
-    if world_size() > 1:
-        every = [torch.empty_like(counts) for _ in range(world_size())]
+    if world_size(group) > 1:
+        every = [torch.empty_like(counts) for _ in range(world_size(group))]
         dist.all_gather(every, counts, group=group)
         before = torch.stack(every[:dist.get_rank(group)]).sum(0) if dist.get_rank(group) else torch.zeros_like(counts)
     else:
