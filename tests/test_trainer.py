@@ -110,6 +110,9 @@ def test_layer_statistics_are_written_on_logged_steps(tmp_path):
     assert "backbone.conv1.weight" in layers and not any(name.startswith("backbone.fc") for name in layers)
     assert all(0 < layer["updated_share"] < 1 and layer["grad_magnitude"] > 0 for layer in layers.values())
     assert layers["backbone.layer1.0.conv1.weight"]["updated_share"] <= 101 / 144 + 1e-6  # 43 of 144 conserved
+    export = run / "export"  # two logged steps: the export draws them, its card shows and explains them
+    card = (export / "README.md").read_text()
+    assert (export / "layer_statistics.png").is_file() and "](layer_statistics.png)" in card and "1 − p/100" in card
     assert layers["backbone.layer1.0.conv1.weight"]["ndim"] == 4 and layers["backbone.bn1.weight"]["ndim"] == 1
     written = write_plots([str(run)], str(tmp_path / "plots"))
     assert tmp_path / "plots" / "layer_statistics_run.png" in written
