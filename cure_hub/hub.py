@@ -212,7 +212,7 @@ def _best_and_last_pgd(summary: dict) -> tuple[float, float] | None:
 def base_model_of(spec: ModelSpec) -> str | None:
     """The Hub repository the model was fine-tuned from, if it came from one."""
     source = spec.source
-    return source if source and looks_like_hub_id(source) and not Path(source).exists() else None
+    return source if source and looks_like_hub_id(source) else None
 
 
 def _card_template() -> Path:

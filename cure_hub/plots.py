@@ -96,9 +96,9 @@ def plot_training(run_dir: Path, output: Path) -> Path | None:
 def plot_layer_statistics(run_dir: Path, output: Path) -> Path | None:
     """CURE's Figure 6: per masked weight tensor, the share of entries updated and the mean
     gradient magnitude, at the first and the last logged step of a run (from two logged steps
-    on). A dashed line marks the
-    share the mask keeps, 1 - p/100: a bar below it counts entries whose gradient was exactly zero
-    (a 3x3 kernel on a 1x1 feature map sees padding at all but its centre tap, so 1/9 of it moves)."""
+    on). A dashed line marks the share the mask keeps, 1 - p/100: a bar below it counts entries
+    whose gradient was exactly zero (a 3x3 kernel on a 1x1 feature map sees padding at all but its
+    centre tap, so 1/9 of it moves)."""
     folder = RunFolder(run_dir)
     records = folder.read_log(LAYER_STATISTICS)
     if len(records) < 2:  # nothing to set the last step against

@@ -55,7 +55,7 @@ def check_protocols_free(repo_id: str, planned: dict, overwrite: bool = False) -
     if overwrite:
         return
     with hub_faults(repo_id, None, "run the command again"):
-        _refuse_clashes(repo_id, _card(repo_id, None, check_push_access(repo_id).token), {protocol(r) for r in eval_results(planned)})
+        _refuse_clashes(repo_id, _card(repo_id, None), {protocol(r) for r in eval_results(planned)})
 
 
 def _refuse_clashes(repo_id: str, card, measured: set) -> None:
@@ -65,8 +65,9 @@ def _refuse_clashes(repo_id: str, card, measured: set) -> None:
             "--overwrite-results to propose the new ones in their place")
 
 
-def _card(repo_id: str, revision: str | None, token: str):
-    """The card at ``revision``, or an empty one where the repository has none."""
+def _card(repo_id: str, revision: str | None, token: str | None = None):
+    """The card at ``revision`` (read with ``token``, or the one configured), or an empty one where
+    the repository has none."""
     from huggingface_hub import ModelCard, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
