@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-__all__ = ["CifarResNet", "CifarPreActResNet", "CifarWideResNet", "CIFAR_ARCHITECTURES"]
+__all__ = ["CifarResNet", "CifarPreActResNet", "CifarWideResNet", "CIFAR_ARCHITECTURES", "size_of_checkpoint"]
 
 
 class BasicBlock(nn.Module):
@@ -149,8 +149,12 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
+#: The TRADES WideResNet's second first-stage block, built and saved but never called.
+UNUSED_BLOCK = "sub_block1."
+
+
 def _drop_sub_block1(module, state_dict, prefix, *args):
-    for key in [k for k in state_dict if k.startswith(prefix + "sub_block1.")]:
+    for key in [k for k in state_dict if k.startswith(prefix + UNUSED_BLOCK)]:
         del state_dict[key]
 
 
@@ -231,3 +235,19 @@ def cifar_wrn34_10(pretrained: bool = False, **kwargs) -> CifarWideResNet:
 
 
 CIFAR_ARCHITECTURES = ("cifar_resnet18", "cifar_preactresnet18", "cifar_wrn34_10")
+
+
+def size_of_checkpoint(architecture: str, state: dict) -> dict:
+    """The constructor arguments, where they differ from the defaults, of the CIFAR
+    ``architecture`` that ``state`` (keys as the reference code names them) was saved from: a
+    ResNet's ``width``, a WideResNet's ``depth`` and ``widen_factor`` (a WRN-28-10 is
+    ``cifar_wrn34_10`` with ``depth=28``). Empty where the keys do not tell."""
+    if architecture == "cifar_wrn34_10" and "block1.layer.0.conv1.weight" in state:
+        blocks = {key.split(".")[2] for key in state if key.startswith("block1.layer.")}
+        size = {"depth": 6 * len(blocks) + 4, "widen_factor": state["block1.layer.0.conv1.weight"].shape[0] // 16}
+        defaults = {"depth": 34, "widen_factor": 10}
+    elif architecture in ("cifar_resnet18", "cifar_preactresnet18") and "conv1.weight" in state:
+        size, defaults = {"width": state["conv1.weight"].shape[0]}, {"width": 64}
+    else:
+        return {}
+    return {name: value for name, value in size.items() if value != defaults[name]}

@@ -16,6 +16,7 @@ from .arguments import ArgumentParser, key_value, number
 from .config import BATCH_NORM_BATCHES, WEIGHT_CHOICES, InputError
 from .console import exit_code_of, setup_logging
 from .evaluation import ATTACKS
+from .importers import LAYOUTS
 from .run_folder import RunFolder, file_in_the_way
 
 
@@ -265,9 +266,61 @@ def _export(args: argparse.Namespace) -> int:
 
 def _card(args: argparse.Namespace) -> int:
     from .hub import rerender_card
+    from .importers import is_import, rerender_import_card
+    from .models import read_json
 
-    print(f"wrote {rerender_card(args.dir, args.eval_results, args.repo_id)}")
+    if is_import(args.dir):
+        card = rerender_import_card(args.dir, read_json(Path(args.eval_results)) if args.eval_results else None, args.repo_id)
+    else:
+        card = rerender_card(args.dir, args.eval_results, args.repo_id)
+    print(f"wrote {card}")
     return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    import json
+
+    from .importers import ImportSettings, import_checkpoint, model_dataset, rerender_import_card, robustbench_entry, threat_model_of
+
+    settings = ImportSettings(
+        checkpoint=args.checkpoint, layout=args.layout, model=args.model, model_kwargs=dict(args.model_kwargs or []),
+        model_info=args.model_info, dataset=args.dataset, mean=args.mean, std=args.std, norm=args.norm, epsilon=args.epsilon,
+        reported=dict(args.reported or []), reported_by=args.reported_by, reported_url=args.reported_url, license=args.license)
+    threat_model = threat_model_of(settings)
+    if args.evaluate and threat_model is None:  # before the import, not after it
+        raise InputError("--evaluate measures under the threat model of the reported numbers: pass --norm and --epsilon")
+    out = import_checkpoint(settings, args.out_dir, overwrite=args.overwrite, repo_id=args.repo_id, command=import_command(args))
+    print(f"imported {args.checkpoint} ({args.layout} layout) to {out}")
+    if not args.evaluate:
+        return 0
+    dataset = model_dataset(settings, robustbench_entry(settings.model_info, settings.norm) if settings.model_info else None)
+    results_file = out.parent / f".{out.name}.evaluation.json"
+    options = {"--dataset": dataset, "--split": args.split, "--attacks": args.attacks, "--norm": threat_model.norm,
+               "--epsilon": str(threat_model.epsilon), "--n-examples": args.n_examples, "--batch-size": args.batch_size,
+               "--device": args.device, "--seed": args.seed, "--output": str(results_file)}
+    evaluation = build_parser().parse_args(["eval", str(out), *(str(part) for option, value in options.items()
+                                                                  if value is not None for part in (option, value))])
+    if evaluation.run(evaluation) == 0:
+        print(f"wrote {rerender_import_card(out, json.loads(results_file.read_text()), args.repo_id)}")
+        results_file.unlink()
+    return 0
+
+
+def import_command(args: argparse.Namespace) -> str:
+    """The ``cure-hub import`` command as the card gives it: files and folders by their names."""
+    from .hub import without_local_paths
+    from .hub_results import ThreatModel
+
+    options = {"--layout": args.layout, "--model": args.model, "--model-info": args.model_info and Path(args.model_info).name,
+               "--dataset": args.dataset and without_local_paths(args.dataset), "--norm": args.norm,
+               "--epsilon": args.epsilon and ThreatModel(args.norm or "linf", args.epsilon).epsilon_text,
+               "--mean": args.mean and ",".join(map(str, args.mean)), "--std": args.std and ",".join(map(str, args.std)),
+               "--reported": args.reported and ",".join(f"{k}={v}" for k, v in args.reported),
+               "--reported-by": args.reported_by, "--reported-url": args.reported_url}
+    kwargs = [f"{key}={value}" for key, value in args.model_kwargs or []]
+    return shlex.join(["cure-hub", "import", Path(args.checkpoint).name, Path(args.out_dir).name,
+                       *(str(part) for option, value in options.items() if value is not None for part in (option, value)),
+                       *(["--model-kwargs", *kwargs] if kwargs else [])])
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -277,6 +330,29 @@ def _push(args: argparse.Namespace) -> int:
                       commit_message=args.commit_message, force=args.force)
     print(f"pushed {args.dir} to {args.repo_id}: {url}")
     return 0
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """``0.4914,0.4822,0.4465``: one number per channel."""
+    return tuple(number(part) for part in text.split(","))
+
+
+def _accuracies(text: str) -> list[tuple[str, float]]:
+    """``clean=0.8492,aa=0.5308``: accuracies by attack."""
+    pairs = [key_value(part) for part in text.split(",")]
+    if bad := [key for key, value in pairs if not isinstance(value, (int, float))]:
+        raise argparse.ArgumentTypeError(f"accuracies are numbers: {bad} are not")
+    return [(key, float(value)) for key, value in pairs]
+
+
+def _add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
+    """What an evaluation measures, and where: the flags ``eval`` and ``import --evaluate`` share."""
+    parser.add_argument("--split", help="Split to evaluate (default: test, else validation).")
+    parser.add_argument("--attacks", default="clean,pgd20,pgd100,cw", help="Comma-separated: " + ", ".join(ATTACKS) + ".")
+    parser.add_argument("--n-examples", type=int, help="A deterministic, class-balanced subset of this many examples.")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> ArgumentParser:
@@ -294,7 +370,7 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--model-kwargs", nargs="+", type=key_value, metavar="KEY=VALUE", help="Constructor arguments with --checkpoint.")
     evaluate.add_argument("--weights", default="last", choices=list(WEIGHT_CHOICES), help="Which weights of a run folder.")
     evaluate.add_argument("--dataset", default="uoft-cs/cifar10", help="Dataset id, folder or packaged name.")
-    evaluate.add_argument("--split", help="Split to evaluate (default: test, else validation).")
+    _add_measurement_arguments(evaluate)
     evaluate.add_argument("--eval-split-fraction", type=number, metavar="FRACTION",
                           help="Evaluate on the part of the train split that training held out with the same fraction and seed.")
     evaluate.add_argument("--image-column")
@@ -303,7 +379,6 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--crop-pct", type=float,
                           help="Centre crop of images larger than the image size (timm's crop_pct; default: the model's own, "
                                "recorded by its training run or timm config; 1.0 for --checkpoint).")
-    evaluate.add_argument("--attacks", default="clean,pgd20,pgd100,cw", help="Comma-separated: " + ", ".join(ATTACKS) + ".")
     evaluate.add_argument("--epsilon", type=_epsilon, default=8 / 255, help="Radius, e.g. 8/255 (default) or 0.5.")
     evaluate.add_argument("--norm", default="linf", choices=("linf", "l2"))
     evaluate.add_argument("--eps-sweep", action="store_true", help="PGD-20 accuracy at eps 0.25 ... 8/255.")
@@ -312,13 +387,9 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--corruptions-dataset", metavar="FOLDER_OR_HUB_ID",
                           help="A copy of the corrupted test set in its release layout (<corruption>.npy, labels.npy); "
                                "without it the corruptions are generated (ImageNet-C's parameters; cure-hub[corruptions]).")
-    evaluate.add_argument("--n-examples", type=int, help="A deterministic, class-balanced subset of this many examples.")
-    evaluate.add_argument("--batch-size", type=int, default=128)
-    evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
     evaluate.add_argument("--channels-last", action="store_true",
                           help="Weights and images in the channels-last memory layout (faster convolutions on a CPU; "
                                "the same results up to float rounding).")
-    evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--output", help="Write the results JSON here (and, until it is written, the finished batches to OUTPUT.partial/).")
     evaluate.add_argument("--resume", action="store_true", help="Continue the unfinished evaluation that writes --output.")
     evaluate.add_argument("--other-classes", action="store_true", help="Evaluate on data whose class names are not the "
@@ -368,6 +439,35 @@ def build_parser() -> ArgumentParser:
     card.add_argument("--eval-results", help="Replace the export's eval_results.json with this file first.")
     card.add_argument("--repo-id")
     card.set_defaults(run=_card)
+    imports = commands.add_parser("import", help="Make a robust checkpoint from RobustBench, MadryLab, TRADES or CURE a "
+                                  "Hub-ready export, its reported numbers attributed in the card.",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    imports.add_argument("checkpoint", help="The checkpoint file (.pt, .pth, .ckpt, .tar, .safetensors).")
+    imports.add_argument("out_dir")
+    imports.add_argument("--layout", required=True, choices=list(LAYOUTS), help="How the checkpoint was saved.")
+    imports.add_argument("--model", help="Its architecture (a timm or cure-hub CIFAR name; the RobustBench entry's by default). "
+                                         "Sizes are read off the checkpoint.")
+    imports.add_argument("--model-kwargs", nargs="+", type=key_value, metavar="KEY=VALUE", help="Further constructor arguments.")
+    imports.add_argument("--model-info", metavar="JSON", help="The model's RobustBench entry (model_info/DATASET/THREAT/NAME.json): "
+                                                              "its numbers go into the card as RobustBench's.")
+    imports.add_argument("--dataset", help="The dataset the model classifies (its class names; --evaluate evaluates on it); "
+                                           "default: the RobustBench entry's.")
+    imports.add_argument("--mean", type=_numbers, metavar="M,M,M", help="The normalisation inside the model, where the "
+                         "checkpoint does not save it (default: the architecture's; raw [0, 1] pixels for the CIFAR ones).")
+    imports.add_argument("--std", type=_numbers, metavar="S,S,S")
+    imports.add_argument("--norm", choices=("linf", "l2"), help="The threat model of the reported numbers (RobustBench: its folder).")
+    imports.add_argument("--epsilon", type=_epsilon, help="Their radius, e.g. 8/255.")
+    imports.add_argument("--reported", type=_accuracies, metavar="ATTACK=ACC,...",
+                         help="Accuracies someone else measured, as fractions by attack: clean=0.8492,aa=0.5308.")
+    imports.add_argument("--reported-by", help="Who measured them: a paper, a leaderboard.")
+    imports.add_argument("--reported-url", help="Where to read them.")
+    imports.add_argument("--license", default="unknown", help="The weights' licence, as the Hub names licences.")
+    imports.add_argument("--repo-id", help="The Hub id the card's usage examples name.")
+    imports.add_argument("--overwrite", action="store_true", help="Replace an earlier export or import in OUT_DIR.")
+    imports.add_argument("--evaluate", action="store_true", help="Measure the model again (cure-hub eval, with the flags "
+                         "below) and put the results in the card beside the reported ones.")
+    _add_measurement_arguments(imports)
+    imports.set_defaults(run=_import)
     push = commands.add_parser("push", help="Upload an export folder to the Hugging Face Hub.")
     push.add_argument("dir")
     push.add_argument("--repo-id", required=True)

@@ -257,6 +257,14 @@ def load_eval_split(config: DataConfig, n_examples: int | None = None) -> EvalSp
     return EvalSplit(dataset, split, class_names, len(splits[split]), indices)
 
 
+def dataset_class_names(name: str, label_column: str | None = None) -> list[str]:
+    """The class names of dataset ``name`` (a Hub id, folder or packaged name), in label order,
+    read from its first split without preparing it."""
+    split = next(iter(load_dataset_dict(name).values()))
+    _, label_column = detect_columns(split.features, None, label_column)
+    return _class_names(split, label_column)
+
+
 def _load_splits(config: DataConfig) -> dict:
     """The dataset's splits; with ``eval_split_fraction``, its training split and the part held out
     of it (stratified by class where the labels are a ClassLabel, the same for the same seed)."""

@@ -39,7 +39,7 @@ from .system import default_file_mode, disk_space_for, process_umask, readable_s
 ATTACK_NAMES = {name: spec.title for name, spec in ATTACKS.items()}
 
 
-def _package_versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -133,7 +133,7 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
 
     folder = Path(folder)
     name = repo_id or name or folder.name
-    training = read_json(folder / "training_config.json")
+    training = read_json(folder / TRAINING_RECORD)
     results = read_json(folder / "eval_results.json")
     spec = ModelSpec.from_dict(training["model_spec"])
     config, summary = training["config"], training.get("summary", {})
@@ -160,10 +160,10 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
     n = results["n_examples"] or 0
     return ModelCard.from_template(
         card_data,
-        template_path=str(_card_template()),
+        template_path=str(card_template()),
         model_name=name,
-        repo_id=repo_id or f"<your-username>/{name}",  # `cure-hub push` renders the card again with the real id
-        architecture=spec.architecture,
+        # `cure-hub push` renders the card again with the real id
+        usage=usage_section(spec, repo_id or f"<your-username>/{name}"),
         architecture_description=f"`{spec.architecture}` ({spec.library}, {spec.num_classes} classes)",
         method_title=method_class.title,
         method_settings=method_class.card_settings(config["method"]),
@@ -182,8 +182,6 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, name: str 
         starting_point=f"`{spec.source}`" if spec.source else ("natural warm-up of " + str(optim["warmup_epochs"]) + " epochs" if optim["warmup_epochs"] else "random initialisation"),
         hardware=summary.get("hardware", "unknown"),
         train_time=f"{summary.get('train_seconds', 0) / 60:.1f} minutes",
-        library_name=spec.library,
-        needs_cure_hub_import=spec.architecture.startswith("cifar_"),
         has_autoattack=any(k.startswith("aa") for k in results["accuracy"]),
         intervals={name: wilson_interval(round(value * n), n) for name, value in results["accuracy"].items()},
         interval_method=INTERVAL_METHOD,
@@ -215,14 +213,24 @@ def base_model_of(spec: ModelSpec) -> str | None:
     return source if source and looks_like_hub_id(source) else None
 
 
-def _card_template() -> Path:
-    """``model_cards/robust_model.md``: in the source tree, or where the wheel installs it."""
+def card_template(name: str = "robust_model.md") -> Path:
+    """``model_cards/NAME``: in the source tree, or where the wheel installs it."""
     import sys
 
     for root in (Path(__file__).resolve().parents[1], Path(sys.prefix) / "share" / "cure-hub"):
-        if (template := root / "model_cards" / "robust_model.md").is_file():
+        if (template := root / "model_cards" / name).is_file():
             return template
-    raise FileNotFoundError("model card template model_cards/robust_model.md not found; reinstall cure-hub")
+    raise FileNotFoundError(f"model card template model_cards/{name} not found; reinstall cure-hub")
+
+
+def usage_section(spec: ModelSpec, repo_id: str) -> str:
+    """The card's "Usage" section for a model of ``spec`` at ``repo_id`` (``model_cards/usage.md``),
+    which the cards of exports and of imports share."""
+    import jinja2
+
+    return jinja2.Template(card_template("usage.md").read_text()).render(
+        repo_id=repo_id, image_size=spec.image_size, library_name=spec.library, architecture=spec.architecture,
+        needs_cure_hub_import=spec.architecture.startswith("cifar_"))
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "last",
@@ -230,22 +238,16 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
                interpolate: float | None = None) -> Path:
     """Export a training run as a Hub-ready folder: weights, config, model card, results.
 
-    Written to a temporary folder beside ``out_dir`` and renamed into place (an earlier export
-    renamed aside first, then removed), so ``out_dir`` is either absent or complete. A non-empty ``out_dir`` is refused unless ``overwrite``. With
-    ``interpolate`` (λ), the model is θ(λ) between the run's start and ``weights``
-    (:mod:`cure_hub.interpolation`), evaluated by the run's ``cure-hub tradeoff`` curve.
+    ``out_dir`` is either absent or complete (:func:`replace_folder`); a non-empty one is refused
+    unless ``overwrite``. With ``interpolate`` (λ), the model is θ(λ) between the run's start and
+    ``weights`` (:mod:`cure_hub.interpolation`), evaluated by the run's ``cure-hub tradeoff`` curve.
     """
-    import tempfile
-
     run, out = Path(run_dir), Path(out_dir)
     if weights not in WEIGHT_CHOICES:
         raise ExportError(f"weights must be one of {list(WEIGHT_CHOICES)}, got {weights!r}")
     folder = RunFolder(run)
     if not folder.is_run() or not folder.holds_run():
         raise ExportError(f"{run} is not a training run folder (no model_spec.json / config.yaml)")
-    _check_export_target(run, out, overwrite)
-    for leftover in out.parent.glob(f".{out.name}.partial-*"):  # from an export that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
     config = folder.read_config()
     if interpolate is not None:
         if eval_results:
@@ -260,17 +262,36 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
             results = _eval_results_from_run(run, weights, config)
     results = without_local_paths(results)
     summary = folder.read_summary()
+    with replace_folder(out, overwrite, keep=(run, "the run being exported")) as staging, \
+            disk_space_for(out.parent, f"the export {out}", needed=lambda: f"about {readable_size(sum(t.nbytes for t in model.state_dict().values()))}"):
+        training = {"weights": weights, "config": config, "model_spec": model.spec.to_dict(), "summary": summary,
+                    "versions": package_versions(), "git_commit": summary.get("git_commit"),
+                    "base_model": base_model_of(model.spec), "interpolation": interpolation}
+        # The run's own export is called "export": the card takes the run's name instead.
+        _write_export(staging, run, model, results, training, repo_id, run.resolve().name if out.name == "export" else out.name)
+    return out
+
+
+@contextlib.contextmanager
+def replace_folder(out: Path, overwrite: bool, keep: tuple[Path, str] | None = None):
+    """Yields an empty folder beside ``out`` to write an export into; when the block ends, the
+    folder takes ``out``'s place whole (an earlier export renamed aside first, then removed), so
+    ``out`` is either absent or complete. A non-empty ``out`` is refused unless ``overwrite``, and
+    only an earlier export is ever replaced, never ``keep`` (a folder, and what it is) or the
+    current folder."""
+    import tempfile
+
+    _check_export_target(out, overwrite, keep)
+    for leftover in out.parent.glob(f".{out.name}.partial-*"):  # from an export that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     staging.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 would make the export private to its writer
     earlier = None
     try:
-        with disk_space_for(out.parent, f"the export {out}", needed=lambda: f"about {readable_size(sum(t.nbytes for t in model.state_dict().values()))}"):
-            training = {"weights": weights, "config": config, "model_spec": model.spec.to_dict(), "summary": summary,
-                        "versions": _package_versions(), "git_commit": summary.get("git_commit"),
-                        "base_model": base_model_of(model.spec), "interpolation": interpolation}
-            # The run's own export is called "export": the card takes the run's name instead.
-            _write_export(staging, run, model, results, training, repo_id, run.resolve().name if out.name == "export" else out.name)
+        yield staging
+        for file in staging.iterdir():  # safetensors writes its files private (0o600): readable as every other file
+            file.chmod(default_file_mode())
         # An earlier export is set aside, not deleted in place: at every moment `out` is one whole
         # export, and what a kill leaves aside carries the partial prefix the next export sweeps.
         if out.exists():
@@ -284,7 +305,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, weights: 
         raise
     if earlier:
         shutil.rmtree(earlier)
-    return out
 
 
 def _write_export(folder: Path, run: Path, model, results: dict, training: dict, repo_id: str | None, name: str) -> None:
@@ -294,11 +314,9 @@ def _write_export(folder: Path, run: Path, model, results: dict, training: dict,
     for file, plot in EXPORT_PLOTS.items():
         plot(run, folder / file)
     (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
-    (folder / "training_config.json").write_text(json.dumps(without_local_paths(training), indent=2))
+    (folder / TRAINING_RECORD).write_text(json.dumps(without_local_paths(training), indent=2))
     (folder / "robustbench.json").write_text(json.dumps(robustbench_entry(model.spec, results, training["config"]), indent=2))
     model_card(folder, repo_id, name=name).save(folder / "README.md")
-    for file in folder.iterdir():  # safetensors writes its files private (0o600): readable as every other file
-        file.chmod(default_file_mode())
 
 
 def _interpolated_export(run: Path, weights: str, lam: float):
@@ -348,6 +366,8 @@ def _check_results_are_of(results: dict, run: Path, weights: str, results_file) 
                           f"exported: evaluate them (cure-hub eval {run} --weights {weights} ...) or export --weights {results.get('weights')}")
 
 
+#: What an export records of the run it was trained in, and an import of the checkpoint it was made from.
+TRAINING_RECORD, IMPORT_RECORD = "training_config.json", "import_config.json"
 #: What an export folder holds, and nothing else: the only kind of folder ``--overwrite`` replaces.
 EXPORT_FILE_PATTERNS = ("README.md", "*.json", "*.safetensors", "*.png")
 #: The plots an export draws from its run (those the run's logs allow), which its card shows.
@@ -355,19 +375,20 @@ EXPORT_PLOTS = {"training.png": plot_training, "layer_statistics.png": plot_laye
 
 
 def is_export(folder: Path) -> bool:
-    """Whether ``folder`` is an export written by :func:`export_run` (recognised by its files)."""
+    """Whether ``folder`` is an export written by :func:`export_run` or an import (recognised by its files)."""
     entries = list(folder.iterdir())
-    return (folder / "training_config.json").is_file() and all(
+    return any((folder / record).is_file() for record in (TRAINING_RECORD, IMPORT_RECORD)) and all(
         entry.is_file() and any(fnmatch.fnmatchcase(entry.name, p) for p in EXPORT_FILE_PATTERNS) for entry in entries
     )
 
 
-def _check_export_target(run: Path, out: Path, overwrite: bool) -> None:
+def _check_export_target(out: Path, overwrite: bool, keep: tuple[Path, str] | None) -> None:
     """Refuse an output folder whose replacement could destroy anything but an earlier export."""
     target = out.resolve()
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder; choose another output folder")
-    for what, folder in (("the run being exported", run.resolve()), ("the current folder", Path.cwd().resolve())):
+    for folder, what in filter(None, (keep, (Path.cwd(), "the current folder"))):
+        folder = folder.resolve()
         if target == folder or target in folder.parents:
             raise ExportError(f"{out} is {what}" + ("" if target == folder else " or holds it") + "; export into a new folder")
     if not out.exists() or not any(out.iterdir()):
@@ -384,7 +405,7 @@ def rerender_card(folder: str | os.PathLike, eval_results: str | os.PathLike | N
     if eval_results:
         results = without_local_paths(read_json(Path(eval_results)))
         (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
-        training = read_json(folder / "training_config.json")
+        training = read_json(folder / TRAINING_RECORD)
         spec = ModelSpec.from_dict(training["model_spec"])
         (folder / "robustbench.json").write_text(json.dumps(robustbench_entry(spec, results, training["config"]), indent=2))
     card = model_card(folder, repo_id)

@@ -85,13 +85,15 @@ def looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/")) and not Path(text).exists()
 
 
-def eval_results(results: dict, source_name: str | None = None, source_url: str = SOURCE_URL) -> list:
+def eval_results(results: dict) -> list:
     """``huggingface_hub.EvalResult`` objects for the accuracies of ``results`` (the shape of
-    ``cure-hub eval``'s results.json), by the convention; ``source_name`` by default names
-    cure-hub and its version."""
+    ``cure-hub eval``'s results.json), by the convention. Their source is cure-hub and its version,
+    or, for numbers someone else measured, ``results["reported_by"]`` (``name`` and ``url``), whose
+    results keep a config of their own: ``Linf-8/255 (reported by NAME)``."""
     from huggingface_hub import EvalResult
 
     threat_model = ThreatModel(results["norm"], results["epsilon"])
+    reporter = results.get("reported_by")
     n, split_examples = results.get("n_examples"), results.get("split_examples")
     subset = n is not None and split_examples is not None and n < split_examples
     sampling = None if n is None or split_examples is None else "class-balanced subset" if subset else "whole split"
@@ -100,8 +102,10 @@ def eval_results(results: dict, source_name: str | None = None, source_url: str 
     common = {
         **TASK,
         "dataset_type": dataset if looks_like_hub_id(dataset) else Path(dataset).name, "dataset_name": Path(dataset).name,
-        "dataset_split": results["split"], "dataset_config": str(threat_model),
-        "source_name": source_name or f"cure-hub {_version()}", "source_url": source_url,
+        # A config per source too: huggingface_hub keeps one source per config.
+        "dataset_split": results["split"], "dataset_config": str(threat_model) + (f" (reported by {reporter['name']})" if reporter else ""),
+        "source_name": reporter["name"] if reporter else f"cure-hub {_version()}",
+        "source_url": reporter.get("url") if reporter else SOURCE_URL,
     }
     records = []
     for attack, accuracy in results["accuracy"].items():

@@ -404,53 +404,73 @@ def _create_from_path(path: Path, num_classes, image_size, pretrained: bool, **k
 # Loading weights
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a ``.pt``/``.pth``/``.bin``/``.safetensors`` state dict, unwrapping the usual nesting
-    (``state_dict``, ``model``) and prefixes (``module.`` from DDP, ``_orig_mod.`` from compile)."""
+def read_checkpoint(path: str | os.PathLike):
+    """What a ``.pt``/``.pth``/``.bin``/``.ckpt``/``.safetensors`` file holds, as saved (tensors only:
+    no code is run), with a damaged or unknown file refused in one line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix not in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar"):
         raise InputError(f"unsupported checkpoint format {path.suffix!r} for {str(path)!r}: use .pt, .pth or .safetensors")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, pickle and zip each raise their own kind for a damaged file
         raise InputError(f"cannot read the checkpoint {str(path)!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
+
+
+#: Where training scripts nest the state dict in what they save: Lightning and most scripts
+#: (``state_dict``), MadryLab's ``robustness`` (``model``), CURE's official code (``state``).
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "state")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's state dict (:func:`read_checkpoint`), unwrapping the usual nesting
+    (:data:`STATE_DICT_KEYS`) and prefixes (``module.`` from DDP, ``_orig_mod.`` from compile)."""
+    state = read_checkpoint(path)
+    for key in STATE_DICT_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{str(path)!r} does not hold a state dict of tensors")
     for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+        state = strip_prefix(state, prefix)
+    return state
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``state`` without ``prefix`` on its keys, when every key carries it."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
 def load_weights(model: RobustClassifier, path: str | os.PathLike) -> None:
-    """Load a state dict into ``model.backbone`` (keys of the bare model, or of the wrapper)."""
-    state = read_state_dict(path)
-    check_finite(state, f"checkpoint {str(path)!r}")
-    if state and all(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items()}
+    """Load a state dict file into ``model.backbone`` (keys of the bare model, or of the wrapper)."""
+    load_state(model, read_state_dict(path), f"checkpoint {str(path)!r}")
+
+
+def load_state(model: RobustClassifier, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model.backbone``; non-finite weights, and keys or shapes that do not
+    fit (the first ones named), are refused before anything is loaded."""
+    check_finite(state, source)
+    state = strip_prefix(state, "backbone.")
     own = model.backbone.state_dict()
     reshaped = [key for key in state if key in own and state[key].shape != own[key].shape]
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    if reshaped:
+    if missing or unexpected:  # another network, or another layout of its keys: say which keys first
+        problem = f"missing keys ({len(missing)}): {missing[:5]}; unexpected keys ({len(unexpected)}): {unexpected[:5]}"
+    elif reshaped:
         key = reshaped[0]
         problem = (f"{len(reshaped)} tensors differ in shape, e.g. {key}: {tuple(state[key].shape)} in the checkpoint, "
                    f"{tuple(own[key].shape)} in the model (another width or depth?)")
-    elif missing or unexpected:
-        problem = f"missing keys ({len(missing)}): {missing[:5]}; unexpected keys ({len(unexpected)}): {unexpected[:5]}"
     else:
         model.backbone.load_state_dict(state)
         return
-    raise CheckpointMismatchError(f"checkpoint {str(path)!r} does not fit {model.spec.architecture} {model.spec.model_args}: {problem}")
+    raise CheckpointMismatchError(f"{source} does not fit {model.spec.architecture} {model.spec.model_args}: {problem}")
 
 
 def model_from_spec(spec: ModelSpec, weights: str | os.PathLike | None = None) -> RobustClassifier:
@@ -502,7 +522,7 @@ def _evaluated_threat_model(location: str, revision: str | None) -> ThreatModel 
         results = read_json(results_file)
     except FileNotFoundError:  # a repository with no results of ours
         return None
-    return ThreatModel(results["norm"], results["epsilon"])
+    return ThreatModel(results["norm"], results["epsilon"]) if results else None  # an import with no numbers: {}
 
 
 def _load_robust_model(location: str, revision: str | None, weights: str) -> RobustClassifier:

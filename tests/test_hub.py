@@ -12,7 +12,7 @@ from cure_hub.cli import main as cli_main
 from cure_hub.config import TrainConfig
 from cure_hub.evaluation import wilson_interval
 from cure_hub.hub import export_run, rerender_card
-from cure_hub.hub_results import ThreatModel, eval_results, robust_results
+from cure_hub.hub_results import SOURCE_URL, ThreatModel, eval_results, robust_results
 from cure_hub.models import ExportError, RobustClassifier, load_robust_model
 from cure_hub.trainer import Trainer
 from hub_server import LOAD_SCRIPT, LoopbackHub, hub_env
@@ -559,19 +559,21 @@ def test_a_card_we_write_round_trips_through_model_card_and_our_reader(runs, tmp
 
 
 
-def test_results_of_two_threat_models_keep_their_own_group_and_source():
+def test_results_of_two_threat_models_or_sources_keep_their_own_group_and_source():
     """huggingface_hub merges results sharing task, dataset, config and split, keeping the first
-    one's source: a config per threat model keeps them apart."""
+    one's source: a config per threat model, and per source, keeps them apart."""
     from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
     base = {"dataset": "uoft-cs/cifar10", "split": "test", "n_examples": 100, "accuracy": {"clean": 0.8, "aa": 0.4}}
-    written = (eval_results({**base, "norm": "linf", "epsilon": 8 / 255}, source_name="cure-hub 1")
-               + eval_results({**base, "norm": "l2", "epsilon": 0.5}, source_name="a paper", source_url="https://arxiv.org"))
+    written = (eval_results({**base, "norm": "linf", "epsilon": 8 / 255})
+               + eval_results({**base, "norm": "l2", "epsilon": 0.5})
+               + eval_results({**base, "norm": "linf", "epsilon": 8 / 255, "reported_by": {"name": "a paper", "url": "https://arxiv.org"}}))
     index = eval_results_to_model_index("m", written)
-    assert [group["dataset"]["config"] for group in index[0]["results"]] == ["Linf-8/255", "L2-0.5"]
+    assert [group["dataset"]["config"] for group in index[0]["results"]] == ["Linf-8/255", "L2-0.5", "Linf-8/255 (reported by a paper)"]
     _, back = model_index_to_eval_results(index)
-    assert [(r.dataset_config, r.source_name, r.metric_args["norm"]) for r in back] == [
-        ("Linf-8/255", "cure-hub 1", "linf"), ("Linf-8/255", "cure-hub 1", "linf"), ("L2-0.5", "a paper", "l2"), ("L2-0.5", "a paper", "l2")]
+    assert [(r.dataset_config, r.source_name.split()[0], r.source_url, r.metric_args["norm"]) for r in back] == [
+        *[("Linf-8/255", "cure-hub", SOURCE_URL, "linf")] * 2, *[("L2-0.5", "cure-hub", SOURCE_URL, "l2")] * 2,
+        *[("Linf-8/255 (reported by a paper)", "a", "https://arxiv.org", "linf")] * 2]
 
 
 THEIR_CARD = """---

@@ -226,8 +226,9 @@ def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): \['linear.bias'\][\s\S]*unexpected keys \(1\): \['extra.weight'\]"):
         cure_hub.create_model("cifar_resnet18", width=8, checkpoint=tmp_path / "bad.pth")
+    torch.save(cure_hub.create_model("cifar_resnet18", width=8).backbone.state_dict(), tmp_path / "narrow.pth")
     with pytest.raises(CheckpointMismatchError, match=r"tensors differ in shape, e\.g\. conv1\.weight: \(8, 3, 3, 3\) in the checkpoint, \(16, 3, 3, 3\)"):
-        cure_hub.create_model("cifar_resnet18", width=16, checkpoint=tmp_path / "bad.pth")
+        cure_hub.create_model("cifar_resnet18", width=16, checkpoint=tmp_path / "narrow.pth")
 
 
 def test_init_from_a_run_of_another_width_names_its_arguments(tmp_path, capsys):
