@@ -255,6 +255,20 @@ def test_sharded_selection_equals_the_whole_tensors_mask_on_every_process():
     assert checked == {"0": str(2 * synthetic + fsdp), "1": str(2 * synthetic + fsdp), "2": str(synthetic + fsdp)}, checked
 
 
+@pytest.mark.parametrize("processes", [2, 3])
+def test_cure_steps_under_fsdp2_equal_the_same_steps_under_ddp(processes):
+    """A CIFAR ResNet sharded by fully_shard: RGP from backward passes whose reduce-scattered
+    shards are kept, masks selected across the shards, the revision model sharded alike and updated
+    shard by shard. Over 2 processes three steps are bitwise DDP's (masked gradients, weights,
+    revision weights); over 3, whose means round otherwise, the first step agrees to rounding."""
+    script = str(Path(__file__).parent / "distributed_fsdp_cure.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()), script]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
+    checked = dict(re.findall(r"process (\d): (\d+) masked gradients equal", result.stdout))
+    assert checked == {str(rank): str(60 * (3 if processes == 2 else 1)) for rank in range(processes)}, checked  # 60 masked tensors
+
+
 def test_rgp_folded_on_arrival_refuses_a_second_micro_batch():
     images, labels = robust_vs_fragile_task(8)
     model = tiny_model()

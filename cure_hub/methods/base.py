@@ -85,6 +85,10 @@ class Method:
         #: Micro-batches per optimiser step (``gradient_accumulation_steps``), which the trainer sets
         #: before :meth:`setup`: CURE's scores are folded as they arrive only when there is one.
         self.micro_batches: int = 1
+        #: Under FSDP2, which cannot deep-copy a sharded module: makes a module of the model's
+        #: architecture, sharded as the model is (its weights are then copied shard by shard).
+        #: The trainer sets it; a method's second model (CURE's revision model) is made by it.
+        self.sharded_copy: Callable[[nn.Module], nn.Module] | None = None
 
     # ---- checks before training (cure_hub.preflight calls them) -------------------------------
     @classmethod

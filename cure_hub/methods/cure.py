@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.profiler import record_function
+from torch.distributed.fsdp import FSDPModule
 
 from ..attacks import module_mode
 from ..config import InputError, TrainConfig
@@ -37,7 +38,8 @@ from ..losses import kl_divergence
 from ..model_configs import has_pretrained_weights, loads_pretrained_weights
 from ..models import HeadNotFoundError
 from .base import MAIN_LOSS, REGULARISER, Method, StepOutput, accuracy, unwrap
-from .rgp import ADVERSARIAL, NATURAL, ProminenceScores, all_reduce_sum, prominence_masks, world_size
+from .rgp import (ADVERSARIAL, NATURAL, ProminenceScores, all_reduce_sum, is_sharded, local, prominence_masks,
+                  sharded_prominence_masks, world_size)
 
 
 logger = logging.getLogger(__name__)
@@ -192,13 +194,14 @@ class CURE(Method):
             raise ValueError("no parameter matches the CURE mask scope; check mask_include / mask_exclude")
         self.masked_params = [named[n] for n in self.masked_names]
         self.total_steps = total_steps
-        self._prominence = ProminenceScores(self.masked_params, config.alpha, config.rgp_signed, self.micro_batches)
+        self._prominence = ProminenceScores(self.masked_params, config.alpha, config.rgp_signed, self.micro_batches,
+                                            every_param=list(model.parameters()))
         self._step = 0  # the optimiser step being taken, counted from the method's start
         self._masks: list[torch.Tensor] | None = None  # the last masks (kept when mask_interval > 1)
         self._statistics: dict[str, torch.Tensor] = {}
         self.revision_model = None
         if config.use_revision:
-            self.revision_model = copy.deepcopy(model).requires_grad_(False)  # a copy is not compiled, even of a compiled model
+            self.revision_model = self._copy(model).requires_grad_(False)  # a copy is not compiled, even of a compiled model
             if self.compile_models:
                 self.revision_model.compile()
             # Each process has updated its batch-norm statistics on its own batches: start from their mean.
@@ -206,6 +209,22 @@ class CURE(Method):
                 buffer.copy_(mean)
             # A CPU generator seeded alike on every process: every rank makes the same revision draws.
             self.revision_generator = torch.Generator().manual_seed(seed)
+
+    def _copy(self, model: nn.Module) -> nn.Module:
+        """The revision model's start: a copy of ``model``. A module sharded by FSDP2 cannot be
+        deep-copied: the trainer's :attr:`~cure_hub.methods.base.Method.sharded_copy` builds one
+        sharded alike, and each process copies its own shards into it."""
+        if not any(is_sharded(param) for param in model.parameters()):
+            return copy.deepcopy(model)
+        if self.sharded_copy is None:
+            raise RuntimeError("CURE's revision model of an FSDP2-sharded model needs Method.sharded_copy")
+        revision = self.sharded_copy(model)
+        with torch.no_grad():
+            for target, source in zip(revision.parameters(), model.parameters(), strict=True):
+                local(target).copy_(local(source))
+            for target, source in zip(revision.buffers(), model.buffers(), strict=True):
+                target.copy_(source)
+        return revision
 
     # ---- Eq. 8 -------------------------------------------------------------------------------
     def consistency_loss(self, images, adversarial, logits, adv_logits) -> torch.Tensor:
@@ -218,6 +237,10 @@ class CURE(Method):
             else:  # eval mode: examples do not interact, so one forward pass serves both batches
                 with module_mode(revision, training=False):
                     rev_logits, rev_adv_logits = revision(torch.cat([images, adversarial])).chunk(2)
+        if self._prominence.sharded:  # FSDP2 keeps a root's gathered weights after a forward no backward follows
+            for module in revision.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
         return kl_divergence(rev_logits, logits) + kl_divergence(rev_adv_logits, adv_logits)
 
     # ---- Eqs. 4, 5, 6 and the objective -----------------------------------------------------
@@ -265,8 +288,12 @@ class CURE(Method):
             return self._mask_gradients()
 
     def _compute_masks(self) -> list[torch.Tensor]:
-        """Eq. 6 and the percentile mask of every masked tensor, from this step's RGP gradients."""
-        return prominence_masks(self._prominence.take(), self.config.percentile)
+        """Eq. 6 and the percentile mask of every masked tensor, from this step's RGP gradients
+        (under FSDP2, this process's part of each mask, selected across the shards)."""
+        scores = self._prominence.take()
+        if self._prominence.sharded:
+            return sharded_prominence_masks(scores, self.config.percentile, [param.numel() for param in self.masked_params])
+        return prominence_masks(scores, self.config.percentile)
 
     def _mask_gradients(self) -> dict[str, torch.Tensor]:
         masks = self._compute_masks() if self._masks_due() else self._masks
@@ -277,13 +304,17 @@ class CURE(Method):
         for name, param, mask in zip(self.masked_names, self.masked_params, masks):
             if param.grad is None:
                 continue
-            magnitude = param.grad.norm(1) / param.numel() if record else None
-            param.grad.mul_(mask)  # zero where conserved
+            grad = local(param.grad)  # under FSDP2 this process's shard, and the mask's
+            magnitude = grad.norm(1) if record else None
+            grad.mul_(mask)  # zero where conserved
             if record:
-                statistics[name] = torch.stack([torch.count_nonzero(param.grad) / param.numel(), magnitude])
+                statistics[name] = torch.stack([torch.count_nonzero(grad).float(), magnitude.float()])
         if not record:
             return {}
-        self._statistics = statistics
+        if self._prominence.sharded:  # each process counted its own shards
+            all_reduce_sum(list(statistics.values()))
+        sizes = {name: param.numel() for name, param in zip(self.masked_names, self.masked_params)}
+        self._statistics = statistics = {name: values / sizes[name] for name, values in statistics.items()}
         return {"updated_share": torch.stack(list(statistics.values()))[:, 0].mean()}
 
     def extra_weights(self) -> dict[str, nn.Module]:
@@ -317,8 +348,9 @@ class CURE(Method):
             return
         decay = revision_decay_at(step, self.config.revision_decay, self.config.revision_warmup)
         model = unwrap(model)
-        revision_params = list(self.revision_model.parameters())
-        torch._foreach_lerp_(revision_params, [p.detach() for p in model.parameters()], 1 - decay)
+        # Shard by shard under FSDP2: both models are sharded alike.
+        revision_params = [local(p) for p in self.revision_model.parameters()]
+        torch._foreach_lerp_(revision_params, [local(p).detach() for p in model.parameters()], 1 - decay)
         if self.config.revision_buffers == "average" and (model_buffers := _floating_buffers(model)):
             # Towards the mean of every process's statistics, so the revision model is the same on every process.
             model_buffers = _mean_across_processes(model_buffers)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 #: On a CPU, tensors this large take the sampled selection; its sample has _SAMPLE_SIZE entries.
 _SAMPLED_SELECTION_MIN_SIZE, _SAMPLE_SIZE = 32_768, 4096
@@ -156,6 +157,17 @@ def _keep_mask_by_sampled_selection(flat: torch.Tensor, conserved: int) -> torch
     return keep
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a parameter (or gradient) of a module sharded by FSDP2's
+    ``fully_shard``, which makes each a ``DTensor`` whose process holds a ``Shard(0)`` part."""
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded ``tensor`` (the same storage), or ``tensor`` itself."""
+    return tensor._local_tensor if is_sharded(tensor) else tensor
+
+
 def world_size(group=None) -> int:
     """The processes of ``group`` (the default group when None); 1 without torch.distributed."""
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
@@ -187,12 +199,22 @@ class ProminenceScores:
     ``grad`` returns holds no memory. The scores are computed with the same operations in the
     same order as from whole gradients (``|g_nat| * alpha``, then ``+ (1 - alpha) |g_adv|``), so
     they are bitwise the same.
+
+    Under FSDP2 (``params`` sharded, :func:`is_sharded`) ``grad`` cannot reach the sharded
+    parameters: each branch is a ``backward`` pass instead, whose reduce-scattered gradient
+    shards are kept (the reduce-scatter has already summed them across processes, as their mean:
+    a scale a percentile mask ignores) and ``.grad`` of ``every_param`` (the model's parameters)
+    is put back as it was. The scores are then this process's parts of the tensors', for
+    :func:`sharded_prominence_masks`.
     """
 
-    def __init__(self, params: list[nn.Parameter], alpha: float, signed: bool, micro_batches: int = 1):
+    def __init__(self, params: list[nn.Parameter], alpha: float, signed: bool, micro_batches: int = 1,
+                 every_param: list[nn.Parameter] | None = None):
         self.params, self.alpha, self.signed = params, alpha, signed
+        self.sharded = any(is_sharded(param) for param in params)
+        self.every_param = every_param if every_param is not None else params
         #: Fold each gradient into the score as it arrives; otherwise sum raw gradients first.
-        self.folds_on_arrival = micro_batches == 1 and world_size() == 1
+        self.folds_on_arrival = micro_batches == 1 and world_size() == 1 and not self.sharded
         self._scores: list[torch.Tensor | None] | None = None
         self._sums: tuple[list, list] | None = None
         self._added: list[int] = []  # the branches added since the last take
@@ -214,6 +236,8 @@ class ProminenceScores:
             self._scores, self._unreached = self._allocate_scores(), set(range(len(self.params)))
         if not self.folds_on_arrival and self._sums is None:
             self._sums = ([None] * len(self.params), [None] * len(self.params))
+        if self.sharded:
+            return self._add_by_backward(loss, branch)
         gather = self._fold if self.folds_on_arrival else self._sum
         handles = [param.register_hook(functools.partial(gather, branch, index)) for index, param in enumerate(self.params)]
         try:
@@ -230,15 +254,30 @@ class ProminenceScores:
             for index in self._unreached:  # used by neither branch
                 scores[index].zero_()
             return scores
-        natural, adversarial = ([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, sums)] for sums in self._sums)
+        natural, adversarial = ([torch.zeros_like(local(p)) if g is None else g for p, g in zip(self.params, sums)] for sums in self._sums)
         self._sums = None
-        all_reduce_sum(natural + adversarial)
+        if not self.sharded:  # a sharded gradient comes reduce-scattered, summed already
+            all_reduce_sum(natural + adversarial)
         for index, (g_natural, g_adversarial) in enumerate(zip(natural, adversarial)):
             adversarial[index] = None  # the sums are ours: work in place, dropping each adversarial one once used
             if not self.signed:
                 g_natural, g_adversarial = g_natural.abs_(), g_adversarial.abs_()
             natural[index] = g_natural.mul_(self.alpha).add_(g_adversarial, alpha=1 - self.alpha)
         return natural
+
+    def _add_by_backward(self, loss: torch.Tensor, branch: int) -> None:
+        """One branch's gradient shards, from a ``backward`` pass that leaves ``.grad`` as it was."""
+        before = [param.grad for param in self.every_param]
+        for param in self.every_param:
+            param.grad = None
+        try:
+            loss.backward(retain_graph=True)
+            for index, param in enumerate(self.params):
+                if param.grad is not None:
+                    self._sum(branch, index, local(param.grad))
+        finally:
+            for param, grad in zip(self.every_param, before):
+                param.grad = grad
 
     def _fold(self, branch: int, index: int, grad: torch.Tensor) -> torch.Tensor:
         magnitude = grad if self.signed else grad.abs()

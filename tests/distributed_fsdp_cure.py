@@ -1,0 +1,104 @@
+"""Run by tests/test_cure.py under torchrun (gloo): CURE steps on a model sharded by FSDP2's
+``fully_shard`` give, on every process, the part of the masked gradients, weights and revision
+weights that the same steps under DDP give whole.
+
+Every process builds the same CIFAR ResNet (batch norm included; DDP without buffer broadcasts,
+so that each process keeps its own statistics in both) and trains it on its own part of one batch.
+Three steps: the RGP gradients of both branches, the exact per-tensor masks selected across the
+shards, the consistency loss against the revision model, and the revision update (rate 1: every
+step) are all exercised.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from cure_hub.config import AttackConfig, MethodConfig
+from cure_hub.methods.cure import CURE
+from cure_hub.methods.rgp import local
+from cure_hub.models import create_model
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+
+
+def build():
+    torch.manual_seed(0)  # the same weights on every process
+    return create_model("cifar_resnet18", num_classes=10, width=4)
+
+
+def shard(model):
+    for stage in (model.backbone.layer1, model.backbone.layer2, model.backbone.layer3, model.backbone.layer4):
+        fully_shard(stage)
+    fully_shard(model)
+    return model
+
+
+def part(full: torch.Tensor) -> torch.Tensor:
+    """This process's rows of ``full`` under FSDP2's ``Shard(0)`` (torch.chunk's split)."""
+    parts = full.chunk(world)
+    return parts[rank] if rank < len(parts) else full[:0]
+
+
+generator = torch.Generator().manual_seed(1)
+batches = [(torch.rand(4 * world, 3, 32, 32, generator=generator), torch.randint(0, 10, (4 * world,), generator=generator))
+           for _ in range(3)]
+config = MethodConfig(method="cure", percentile=60.0, revision_rate=1.0, revision_rate_schedule="constant", revision_decay=0.5)
+attack = AttackConfig(steps=1, random_start="none")
+trained = {}
+for engine in ("ddp", "fsdp2"):
+    model = build()
+    method = CURE(config, attack)
+    if engine == "fsdp2":
+        wrapped = model = shard(model)
+        method.sharded_copy = lambda _: shard(build())
+    else:
+        wrapped = DistributedDataParallel(model, broadcast_buffers=False)
+    method.setup(model, total_steps=3, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gradients = []
+    for step, (images, labels) in enumerate(batches):
+        output = method.compute_loss(wrapped, images.chunk(world)[rank], labels.chunk(world)[rank])
+        output.loss.backward()
+        method.before_optimizer_step(wrapped)
+        gradients.append([local(p.grad).clone() for p in method.masked_params])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step(wrapped, step)
+    trained[engine] = {"gradients": gradients, "weights": [local(p).detach().clone() for p in model.parameters()],
+                       "revision": [local(p).clone() for p in method.revision_model.parameters()],
+                       "sharded": method._prominence.sharded}
+    masked_names = method.masked_names
+
+ddp, fsdp2 = trained["ddp"], trained["fsdp2"]
+assert fsdp2["sharded"] and not ddp["sharded"]
+# Over 2 processes every mean is exact (a division by 2), so everything is bitwise DDP's. Over 3 the
+# reduce-scatter's mean rounds otherwise than DDP's all-reduce: the first step agrees to rounding
+# (its masks exactly), and then the attack's sign amplifies the difference, so it alone is compared.
+exact = world == 2
+
+
+def compare(shard_grad: torch.Tensor, expected: torch.Tensor) -> bool:
+    if exact or not expected.numel():
+        return torch.equal(shard_grad, expected)
+    return torch.allclose(shard_grad, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+
+checked = 0
+for step, (whole, shards) in enumerate(zip(ddp["gradients"], fsdp2["gradients"])):
+    if not exact and step:
+        break
+    for name, full, shard_grad in zip(masked_names, whole, shards):
+        expected = part(full)
+        assert torch.equal(expected == 0, shard_grad == 0), f"step {step}, {name}: the masks differ"
+        assert compare(shard_grad, expected), f"step {step}, {name}: the masked gradients differ"
+        checked += 1
+if exact:
+    for kind in ("weights", "revision"):
+        for full, shard_param in zip(ddp[kind], fsdp2[kind]):
+            assert torch.equal(shard_param, part(full)), f"the {kind} differ"
+print(f"process {rank}: {checked} masked gradients equal", flush=True)
+dist.barrier()
+dist.destroy_process_group()
