@@ -260,7 +260,7 @@ def test_cure_steps_under_fsdp2_equal_the_same_steps_under_ddp(processes):
     """A CIFAR ResNet sharded by fully_shard: RGP from backward passes whose reduce-scattered
     shards are kept, masks selected across the shards, the revision model sharded alike and updated
     shard by shard. Over 2 processes three steps are bitwise DDP's (masked gradients, weights,
-    revision weights); over 3, whose means round otherwise, the first step agrees to rounding."""
+    revision weights); over 3, whose means round otherwise, one step agrees to rounding, its masks exactly."""
     script = str(Path(__file__).parent / "distributed_fsdp_cure.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()), script]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)

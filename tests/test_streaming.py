@@ -4,6 +4,7 @@ size (which end every epoch together); each process reads its own examples."""
 
 import json
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,14 +77,14 @@ def test_streamed_run_counts_epochs_from_the_card(streamed_reference):
 
 
 @pytest.mark.slow
-def test_two_process_streamed_run_on_uneven_shards_resumes_bitwise_equal(streamed_digits, tmp_path):
+def test_two_process_streamed_run_on_uneven_shards_resumes_bitwise_equal(streamed_digits, streams, tmp_path):
     """Each process streams its own two shards, so one has more batches than the other: every
     epoch ends for both when the shorter runs out, not with one waiting for the other in a
     collective (which would hang until the timeout); killed one step before its end and resumed,
     each process replays its own stream and skips its own batches, and the run equals the straight
     one. No loader workers here: each would drop its own last partial batch, which the count below
     leaves out."""
-    counts = [[len(examples_of(streamed_digits, rank, epoch)) // 64 for rank in (0, 1)] for epoch in (0, 1)]
+    counts = [[len(streams[rank, epoch]) // 64 for rank in (0, 1)] for epoch in (0, 1)]
     assert all(a != b for a, b in counts)
     steps = sum(min(epoch) for epoch in counts)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -98,6 +99,15 @@ def test_two_process_streamed_run_on_uneven_shards_resumes_bitwise_equal(streame
     assert_same_run(killed, straight)
 
 
+@pytest.fixture(scope="module")
+def streams(streamed_digits) -> dict[tuple[int, int], list[tuple[bytes, int]]]:
+    """``examples_of`` each of two processes in each of two epochs, by (rank, epoch). Read at a
+    time: datasets sleeps 5 s at the end of every streamed parquet iteration (apache/arrow#45214)."""
+    keys = [(rank, epoch) for rank in (0, 1) for epoch in (0, 1)]
+    with ThreadPoolExecutor(len(keys)) as pool:
+        return dict(zip(keys, pool.map(lambda key: examples_of(streamed_digits, *key), keys)))
+
+
 def examples_of(dataset: Path, rank: int, epoch: int) -> list[tuple[bytes, int]]:
     """Process ``rank`` of two's examples in ``epoch``, in order, as (pixels, label)."""
     from torch.utils.data import DataLoader
@@ -108,16 +118,16 @@ def examples_of(dataset: Path, rank: int, epoch: int) -> list[tuple[bytes, int]]
             for image, label in zip(images, labels)]
 
 
-def test_each_process_streams_its_own_examples(streamed_digits):
+def test_each_process_streams_its_own_examples(streams):
     """Two processes' streams are disjoint, together the whole split, each two whole shards, in
     an order that changes with the epoch."""
-    first, second = examples_of(streamed_digits, 0, 0), examples_of(streamed_digits, 1, 0)
+    first, second = streams[0, 0], streams[1, 0]
     pairs = {SHARD_SIZES[a] + SHARD_SIZES[b] for a in range(4) for b in range(4) if a != b}
     assert len(first) in pairs and len(first) + len(second) == sum(SHARD_SIZES)
     loaded = PACKAGED_DATASETS["digits"]()["train"].select(range(sum(SHARD_SIZES)))
     assert sorted(label for _, label in first + second) == sorted(loaded["label"])
     assert len({pixels for pixels, _ in first} & {pixels for pixels, _ in second}) <= 5  # digits has a few duplicate images
-    next_epoch = examples_of(streamed_digits, 0, 1)
+    next_epoch = streams[0, 1]
     assert next_epoch[:50] != first[:50]  # reshuffled each epoch
 
 
