@@ -14,11 +14,12 @@ What a name stands for before a network is built is :mod:`cure_hub.model_configs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -141,9 +142,9 @@ class RobustClassifier(nn.Module):
 
     #: Whether :meth:`forward` hands the backbone channels-last images (:meth:`to_channels_last`).
     channels_last = False
-    #: The threat model the weights were evaluated under (:func:`load_robust_model` sets it from
-    #: the export's results or the run's attack; None where nothing says).
-    threat_model: ThreatModel | None = None
+    #: Where :attr:`threat_model` is read from at first use (:func:`load_robust_model` sets it).
+    _find_threat_model: Callable[[], ThreatModel | None] | None = None
+    _threat_model: ThreatModel | None = None
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec):
         super().__init__()
@@ -155,6 +156,19 @@ class RobustClassifier(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.spec.num_classes
+
+    @property
+    def threat_model(self) -> ThreatModel | None:
+        """The threat model the weights were evaluated under: from the export's results or the
+        run's training attack for a model :func:`load_robust_model` loaded (read at first use: a
+        Hub model's costs a download), else None unless set."""
+        if self._find_threat_model is not None:
+            self._threat_model, self._find_threat_model = self._find_threat_model(), None
+        return self._threat_model
+
+    @threat_model.setter
+    def threat_model(self, value: ThreatModel | None) -> None:
+        self._threat_model, self._find_threat_model = value, None
 
     def to_channels_last(self) -> "RobustClassifier":
         """Keep weights and images in the channels-last memory layout (timm's ``--channels-last``),
@@ -506,7 +520,7 @@ def load_robust_model(location: str | os.PathLike, revision: str | None = None, 
     :attr:`~RobustClassifier.threat_model` is the one it was evaluated under.
     """
     model = _load_robust_model(str(location), revision, weights).eval()
-    model.threat_model = _evaluated_threat_model(str(location), revision)
+    model._find_threat_model = functools.partial(_evaluated_threat_model, str(location), revision)
     return model
 
 
