@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.profiler import record_function
-from torch.distributed.fsdp import FSDPModule
 
 from ..attacks import module_mode
 from ..config import InputError, TrainConfig
@@ -238,6 +237,8 @@ class CURE(Method):
                 with module_mode(revision, training=False):
                     rev_logits, rev_adv_logits = revision(torch.cat([images, adversarial])).chunk(2)
         if self._prominence.sharded:  # FSDP2 keeps a root's gathered weights after a forward no backward follows
+            from torch.distributed.fsdp import FSDPModule  # imported already by whoever sharded the model
+
             for module in revision.modules():
                 if isinstance(module, FSDPModule):
                     module.reshard()

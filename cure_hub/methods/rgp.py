@@ -16,12 +16,12 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import sys
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 #: On a CPU, tensors this large take the sampled selection; its sample has _SAMPLE_SIZE entries.
 _SAMPLED_SELECTION_MIN_SIZE, _SAMPLE_SIZE = 32_768, 4096
@@ -160,7 +160,10 @@ def _keep_mask_by_sampled_selection(flat: torch.Tensor, conserved: int) -> torch
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a parameter (or gradient) of a module sharded by FSDP2's
     ``fully_shard``, which makes each a ``DTensor`` whose process holds a ``Shard(0)`` part."""
-    return isinstance(tensor, DTensor)
+    # No tensor is a DTensor unless FSDP2 has imported the module; importing it here would add half
+    # a second to the start of every command.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
