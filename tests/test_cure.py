@@ -260,12 +260,15 @@ def test_cure_steps_under_fsdp2_equal_the_same_steps_under_ddp(processes):
     """A CIFAR ResNet sharded by fully_shard: RGP from backward passes whose reduce-scattered
     shards are kept, masks selected across the shards, the revision model sharded alike and updated
     shard by shard. Over 2 processes three steps are bitwise DDP's (masked gradients, weights,
-    revision weights); over 3, whose means round otherwise, one step agrees to rounding, its masks exactly."""
+    revision weights), and a run stopped after its first step and resumed from each process's saved
+    shards ends where the straight one does; over 3, whose means round otherwise, one step agrees to
+    rounding, its masks exactly."""
     script = str(Path(__file__).parent / "distributed_fsdp_cure.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()), script]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     checked = dict(re.findall(r"process (\d): (\d+) masked gradients equal", result.stdout))
+    assert result.stdout.count("resumed run equal") == (2 if processes == 2 else 0)
     assert checked == {str(rank): str(60 * (3 if processes == 2 else 1)) for rank in range(processes)}, checked  # 60 masked tensors
 
 
