@@ -47,7 +47,8 @@ class Layout:
 
 
 def _nested_state(saved: object, keys: tuple[str, ...], layout: str) -> dict[str, torch.Tensor]:
-    """The state dict under the first of ``keys`` that ``saved`` has, or ``saved`` itself."""
+    """The state dict under the first of ``keys`` that ``saved`` has, or ``saved`` itself, without
+    DataParallel's ``module.`` prefix."""
     for key in keys:
         if isinstance(saved, dict) and isinstance(saved.get(key), dict):
             saved = saved[key]
@@ -74,8 +75,8 @@ def _robustbench(saved: object):
     entries that normalise inside the network save ``mu`` and ``sigma`` (or ``normalize.mean`` /
     ``normalize.std``) beside the weights, others leave them to the model class."""
     state = dict(_nested_state(saved, ("state_dict",), "robustbench"))
-    state = strip_prefix(state, "model.")
-    return state, _buffers(state, "mu", "sigma") or _buffers(state, "normalize.mean", "normalize.std")
+    normalisation = _buffers(state, "mu", "sigma") or _buffers(state, "normalize.mean", "normalize.std")
+    return strip_prefix(state, "model."), normalisation
 
 
 def _madrylab(saved: object):
@@ -94,14 +95,17 @@ def _madrylab(saved: object):
 def _trades(saved: object):
     """The TRADES code: ``torch.save(model.state_dict())``, maybe under DataParallel; its
     WideResNet saves a first-stage block it never calls (``sub_block1``), which is dropped."""
-    state = _nested_state(saved, (), "trades")
-    return {key: value for key, value in state.items() if not key.startswith(UNUSED_BLOCK)}, None
+    return _without_unused_block(_nested_state(saved, (), "trades")), None
 
 
 def _cure(saved: object):
-    """The official CURE code: ``{"state": ...}`` or ``{"state_dict": ..., "optimizer": ...}``."""
-    state = _nested_state(saved, ("state", "state_dict"), "cure")
-    return {key: value for key, value in state.items() if not key.startswith(UNUSED_BLOCK)}, None
+    """The official CURE code: ``{"state": ...}`` or ``{"state_dict": ..., "optimizer": ...}``, its
+    WideResNet the TRADES code's."""
+    return _without_unused_block(_nested_state(saved, ("state", "state_dict"), "cure")), None
+
+
+def _without_unused_block(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in state.items() if not key.startswith(UNUSED_BLOCK)}
 
 
 LAYOUTS = {
@@ -113,7 +117,7 @@ LAYOUTS = {
 
 #: RobustBench's dataset names: the Hub dataset, split and examples its evaluations use.
 ROBUSTBENCH_DATASETS = {"cifar10": ("uoft-cs/cifar10", "test", 10_000), "cifar100": ("uoft-cs/cifar100", "test", 10_000)}
-#: RobustBench's architecture names of the layouts cure-hub builds, and its own names for them.
+#: cure-hub's architectures by RobustBench's names for them (its WideResNets: ``WideResNet-D-W``).
 ROBUSTBENCH_ARCHITECTURES = {"ResNet-18": "cifar_resnet18", "PreActResNet-18": "cifar_preactresnet18"}
 
 
