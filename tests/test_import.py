@@ -68,7 +68,9 @@ def save_in_layout(layout: str, folder: Path):
     else:  # RobustBench: {"state_dict": ...} of a model class that normalises with mu and sigma buffers
         network = random_network(CifarWideResNet(depth=10, widen_factor=2), 3)
         mu, sigma = (torch.tensor(values).view(1, 3, 1, 1) for values in RICE_CIFAR)
-        saved = {"state_dict": {f"module.{key}": value for key, value in {**network.state_dict(), "mu": mu, "sigma": sigma}.items()}}
+        # Weights under a wrapper's model. (RobustBench strips it for Chen2020Efficient), mu and sigma beside, under DataParallel.
+        weights = {f"model.{key}": value for key, value in network.state_dict().items()}
+        saved = {"state_dict": {f"module.{key}": value for key, value in {**weights, "mu": mu, "sigma": sigma}.items()}}
         entry = folder / "Linf" / "Zhang2019Theoretically.json"
         entry.parent.mkdir()
         entry.write_text(json.dumps(ENTRY))
