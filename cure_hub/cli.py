@@ -177,8 +177,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
     options = {"--dataset": args.dataset, "--split": args.split, "--attacks": args.attacks, "--norm": args.norm,
                "--epsilon": ThreatModel(args.norm, args.epsilon).epsilon_text, "--n-examples": args.n_examples,
                "--image-size": args.image_size, "--crop-pct": args.crop_pct, "--seed": args.seed}
-    return shlex.join(["cure-hub", "eval", args.model, *(str(part) for option, value in options.items()
-                                                          if value is not None for part in (option, value))])
+    return shlex.join(["cure-hub", "eval", args.model, *_flags(options)])
 
 
 def check_results_file(output: str) -> None:
@@ -280,7 +279,7 @@ def _card(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     import json
 
-    from .importers import ImportSettings, import_checkpoint, model_dataset, rerender_import_card, robustbench_entry, threat_model_of
+    from .importers import ImportSettings, import_checkpoint, model_dataset, rerender_import_card, threat_model_of
 
     settings = ImportSettings(
         checkpoint=args.checkpoint, layout=args.layout, model=args.model, model_kwargs=dict(args.model_kwargs or []),
@@ -293,13 +292,12 @@ def _import(args: argparse.Namespace) -> int:
     print(f"imported {args.checkpoint} ({args.layout} layout) to {out}")
     if not args.evaluate:
         return 0
-    dataset = model_dataset(settings, robustbench_entry(settings.model_info, settings.norm) if settings.model_info else None)
+    dataset = model_dataset(settings)
     results_file = out.parent / f".{out.name}.evaluation.json"
     options = {"--dataset": dataset, "--split": args.split, "--attacks": args.attacks, "--norm": threat_model.norm,
                "--epsilon": str(threat_model.epsilon), "--n-examples": args.n_examples, "--batch-size": args.batch_size,
                "--device": args.device, "--seed": args.seed, "--output": str(results_file)}
-    evaluation = build_parser().parse_args(["eval", str(out), *(str(part) for option, value in options.items()
-                                                                  if value is not None for part in (option, value))])
+    evaluation = build_parser().parse_args(["eval", str(out), *_flags(options)])
     if evaluation.run(evaluation) == 0:
         print(f"wrote {rerender_import_card(out, json.loads(results_file.read_text()), args.repo_id)}")
         results_file.unlink()
@@ -318,9 +316,13 @@ def import_command(args: argparse.Namespace) -> str:
                "--reported": args.reported and ",".join(f"{k}={v}" for k, v in args.reported),
                "--reported-by": args.reported_by, "--reported-url": args.reported_url}
     kwargs = [f"{key}={value}" for key, value in args.model_kwargs or []]
-    return shlex.join(["cure-hub", "import", Path(args.checkpoint).name, Path(args.out_dir).name,
-                       *(str(part) for option, value in options.items() if value is not None for part in (option, value)),
+    return shlex.join(["cure-hub", "import", Path(args.checkpoint).name, Path(args.out_dir).name, *_flags(options),
                        *(["--model-kwargs", *kwargs] if kwargs else [])])
+
+
+def _flags(options: dict) -> list[str]:
+    """``--flag value`` for each of ``options`` that has a value."""
+    return [str(part) for option, value in options.items() if value is not None for part in (option, value)]
 
 
 def _push(args: argparse.Namespace) -> int:

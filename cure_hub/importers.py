@@ -13,6 +13,7 @@ publishes it. Numbers that someone else reported go into its card attributed to 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -170,6 +171,11 @@ class ImportSettings:
         if (self.mean is None) != (self.std is None):
             raise InputError("--mean and --std go together: pass both")
 
+    @functools.cached_property
+    def entry(self) -> dict | None:
+        """The RobustBench entry of ``model_info`` (:func:`robustbench_entry`), read once."""
+        return robustbench_entry(self.model_info, self.norm) if self.model_info else None
+
 
 def robustbench_entry(path: str | Path, norm: str | None) -> dict:
     """A RobustBench ``model_info`` entry, with its threat model: the norm is the name of its
@@ -202,29 +208,29 @@ def _robustbench_architecture(info: dict) -> str:
                      "pass --model (a timm or CIFAR architecture) and --model-kwargs")
 
 
-def model_dataset(settings: ImportSettings, info: dict | None) -> str:
+def model_dataset(settings: ImportSettings) -> str:
     """The dataset the model classifies: given, or the one its RobustBench entry names."""
     if settings.dataset:
         return settings.dataset
-    if info is None:
+    if settings.entry is None:
         raise InputError("name the dataset the model classifies with --dataset (its class names go into the export)")
-    return ROBUSTBENCH_DATASETS[info["dataset"]][0]
+    return ROBUSTBENCH_DATASETS[settings.entry["dataset"]][0]
 
 
 def threat_model_of(settings: ImportSettings) -> ThreatModel | None:
     """The threat model the checkpoint's numbers were reported under, where known."""
-    if settings.model_info:
-        info = robustbench_entry(settings.model_info, settings.norm)
+    if (info := settings.entry) is not None:
         return ThreatModel(info["norm"], parse_number(str(info["eps"])))
     return ThreatModel(settings.norm, settings.epsilon) if settings.norm and settings.epsilon else None
 
 
-def reported_results(settings: ImportSettings, info: dict | None) -> dict | None:
+def reported_results(settings: ImportSettings) -> dict | None:
     """The reported numbers in the shape of ``cure-hub eval``'s results, with their source."""
-    if info is not None:
+    if (info := settings.entry) is not None:
         dataset, split, n = ROBUSTBENCH_DATASETS[info["dataset"]]
-        return {"dataset": dataset, "split": split, "n_examples": n, "split_examples": n, "norm": info["norm"],
-                "epsilon": parse_number(str(info["eps"])),
+        threat_model = threat_model_of(settings)
+        return {"dataset": dataset, "split": split, "n_examples": n, "split_examples": n, "norm": threat_model.norm,
+                "epsilon": threat_model.epsilon,
                 # percentages with two decimals: as fractions without the division's rounding error
                 "accuracy": {"clean": round(float(info["clean_acc"]) / 100, 8), "aa": round(float(info["autoattack_acc"]) / 100, 8)},
                 "reported_by": {"name": f"RobustBench ({info['name_in_robustbench']})", "url": "https://robustbench.github.io"}}
@@ -235,14 +241,14 @@ def reported_results(settings: ImportSettings, info: dict | None) -> dict | None
             "reported_by": {"name": settings.reported_by, "url": settings.reported_url}}
 
 
-def build_model(settings: ImportSettings, info: dict | None, class_names: list[str]) -> RobustClassifier:
+def build_model(settings: ImportSettings, class_names: list[str]) -> RobustClassifier:
     """The network the checkpoint holds, in a :class:`RobustClassifier` with its normalisation."""
     layout = LAYOUTS[settings.layout]
     state, saved_normalisation = layout.unpack(read_checkpoint(settings.checkpoint))
     if saved_normalisation and settings.mean is not None:
         raise InputError(f"the checkpoint saves its normalisation (mean {list(saved_normalisation[0])}, std "
                          f"{list(saved_normalisation[1])}): leave out --mean and --std")
-    architecture = settings.model or (_robustbench_architecture(info) if info else None)
+    architecture = settings.model or (_robustbench_architecture(settings.entry) if settings.entry else None)
     if architecture is None:
         raise InputError(f"name the architecture of {settings.checkpoint!r} with --model (e.g. cifar_wrn34_10, resnet50)")
     if model_source(architecture) != "timm":
@@ -262,9 +268,9 @@ def import_checkpoint(settings: ImportSettings, out: str | Path, overwrite: bool
     """Write the import of ``settings.checkpoint`` to ``out``, whole or not at all (as an export).
     ``command`` is what the card says it was imported with."""
     out = Path(out)
-    info = robustbench_entry(settings.model_info, settings.norm) if settings.model_info else None
-    model = build_model(settings, info, dataset_class_names(model_dataset(settings, info)))
-    reported = reported_results(settings, info)
+    info = settings.entry
+    model = build_model(settings, dataset_class_names(model_dataset(settings)))
+    reported = reported_results(settings)
     checkpoint = Path(settings.checkpoint)
     record = {
         "checkpoint": checkpoint.name,
@@ -320,7 +326,7 @@ def import_card(folder: str | Path, repo_id: str | None = None, name: str | None
     reported, measured = record["reported"], _measured(folder)
     results = [r for r in (reported, measured) if r]
     datasets = list(dict.fromkeys(r["dataset"] for r in results if r.get("dataset") and looks_like_hub_id(r["dataset"])))
-    index = [result for results in (reported, measured) if results for result in eval_results(results)]
+    index = [record for r in results for record in eval_results(r)]
     card_data = ModelCardData(
         library_name=spec.library, pipeline_tag="image-classification", license=record["settings"]["license"],
         tags=["adversarial-robustness", spec.library, "image-classification"], datasets=datasets or None,
