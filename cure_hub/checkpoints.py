@@ -25,14 +25,20 @@ from safetensors.torch import load_file
 
 from .config import InputError
 from .run_folder import RunFolder
+from .sharding import all_finite
 from .system import DiskFullError, disk_space_for, folder_size, readable_size
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 PROCESS_STATE_FILE = "process_state_{}.pt"
-#: What every checkpoint holds besides its per-process files (Accelerate's names).
-SHARED_FILES = ("model.safetensors", "optimizer.bin")
+#: What every checkpoint holds besides its per-process files, in Accelerate's names: the weights and
+#: the optimiser's state, in the layout of the engine that wrote them (DDP; FSDP's full state dicts;
+#: FSDP's sharded ones, torch.distributed.checkpoint folders whose ``.metadata`` is written last).
+SHARED_PARTS = {
+    "weights": ("model.safetensors", "pytorch_model_fsdp_0.bin", "pytorch_model_fsdp_0/.metadata"),
+    "optimiser state": ("optimizer.bin", "optimizer_0.bin", "optimizer_0/.metadata"),
+}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -86,7 +92,10 @@ def checkpoint_damage(location: Path, process_index: int) -> str | None:
     needs it (``None``: whole). Structural, without loading a tensor: every file is there, every
     safetensors file as long as its header says, every torch/pickle file a whole zip archive (its
     directory sits at the end, so a file cut short has none)."""
-    needed = [*SHARED_FILES, f"random_states_{process_index}.pkl", PROCESS_STATE_FILE.format(process_index)]
+    if missing := [f"{part} ({' or '.join(names)})" for part, names in SHARED_PARTS.items()
+                   if not any((location / name).is_file() for name in names)]:
+        return f"it has no {' and no '.join(missing)}"
+    needed = [f"random_states_{process_index}.pkl", PROCESS_STATE_FILE.format(process_index)]
     if missing := [name for name in needed if not (location / name).is_file()]:
         return f"it has no {', '.join(missing)}"
     for path in sorted(location.iterdir()):
@@ -107,10 +116,12 @@ def checkpoint_damage(location: Path, process_index: int) -> str | None:
 
 
 def holds_finite_weights(location: Path) -> bool:
-    """Whether the checkpoint ``location`` is whole and its model's weights and buffers are all finite."""
+    """Whether the checkpoint ``location`` is whole and its model's weights and buffers are all finite
+    (an FSDP checkpoint's are taken as written: :meth:`Checkpointer.check_finite` runs before every save)."""
     if checkpoint_damage(location, 0) is not None:
         return False
-    return all(bool(torch.isfinite(tensor).all()) for tensor in load_file(location / SHARED_FILES[0]).values())
+    weights = location / SHARED_PARTS["weights"][0]
+    return not weights.is_file() or all(bool(torch.isfinite(tensor).all()) for tensor in load_file(weights).values())
 
 
 class Checkpointer:
@@ -203,8 +214,7 @@ class Checkpointer:
 
     def check_finite(self, model: torch.nn.Module, step: int, lr: float) -> None:
         """Refuse to go on with weights that are NaN or infinite."""
-        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        if not bool(finite):
+        if not all_finite(model.parameters(), self.accelerator):
             raise TrainingDivergedError(self.divergence_message("the weights are", step, lr))
 
     def divergence_message(self, what: str, step: int, lr: float) -> str:

@@ -25,6 +25,7 @@ from .methods import METHOD_CLASSES, Method
 from .model_configs import loads_pretrained_weights, model_source, pretrained_preprocessing
 from .models import check_channels_last_training_on_cpu, download_from_hub
 from .run_folder import RunFolder, file_in_the_way
+from .sharding import FSDP2, engine_name
 from .system import usable_cpu_cores
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ def check_before_loading(config: TrainConfig, accelerator: Accelerator) -> bool:
         from .hub import check_push_access
 
         check_push_access(config.run.hub_model_id)
-    check_engine_supports(config.method.method, accelerator.distributed_type)
+    engine = engine_name(accelerator)
+    if engine == FSDP2 and config.optim.compile:  # the model is compiled before Accelerate shards it
+        raise InputError("--compile under FSDP2 is not supported: train without --compile, or under DDP")
+    check_engine_supports(config, engine)
     return clear
 
 
@@ -64,9 +68,10 @@ def check_method_start(config: TrainConfig) -> None:
     METHOD_CLASSES[config.method.method].check_start(config)
 
 
-def check_engine_supports(method: str, distributed_type) -> None:
-    """Refuse an Accelerate engine under which ``method`` would silently train something else."""
-    METHOD_CLASSES[method].check_engine(distributed_type)
+def check_engine_supports(config: TrainConfig, engine: str) -> None:
+    """Refuse an engine (:func:`~cure_hub.sharding.engine_name`) under which the method would silently
+    train something else."""
+    METHOD_CLASSES[config.method.method].check_engine(engine, config)
 
 
 def check_output_folder(config: TrainConfig) -> bool:

@@ -48,6 +48,7 @@ from .preflight import (
     warn_about_run,
 )
 from .run_folder import LAYER_STATISTICS, METRICS, RunFolder
+from .sharding import configure_engine, full_state_dict, sharded_copy_maker
 from .streaming import StreamedEpochs, load_streamed_data
 from .system import describe_hardware, git_commit, keep_freed_heap_memory
 
@@ -190,6 +191,10 @@ class Trainer:
             model.to_channels_last()
         if config.optim.compile:
             compile_for_training(model, self.method)
+        configure_engine(accelerator)
+        if accelerator.is_fsdp2:  # the revision model's architecture, built again (its weights are copied in)
+            self.method.sharded_copy = sharded_copy_maker(
+                accelerator, lambda: build_model(config, data.num_classes, data.image_size, data.class_names))
         self.augmentation, self.eval_split = augmentation_for(config.data.augment, data.image_size), data.eval_split
         eval_loader = DataLoader(data.eval, batch_size=config.optim.batch_size, collate_fn=collate, num_workers=config.run.num_workers)
         optimizer = build_optimizer(model, config.optim)
@@ -509,8 +514,10 @@ class Trainer:
         return fired
 
     def _save_weights(self, model: RobustClassifier, name: str, metadata: dict | None = None):
+        """``weights/<name>.safetensors``; every process calls it (sharded weights are gathered)."""
+        weights = full_state_dict(model.backbone, keep=self.accelerator.is_main_process)
         if self.accelerator.is_main_process:
-            self.run_folder.save_weights(name, model.backbone.state_dict(), metadata)
+            self.run_folder.save_weights(name, weights, metadata)
 
     def _finish(self, last_eval: dict) -> dict:
         accelerator = self.accelerator

@@ -1,4 +1,5 @@
-"""The trade-off benchmark's smoke preset: every row over two seeds, mean ± sd, intervals, plot."""
+"""The benchmarks' smoke runs: the trade-off preset over two seeds (mean ± sd, intervals, plot), the data
+pipeline, the collapse study and the engines' memory."""
 
 import json
 import os
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,3 +110,22 @@ def test_collapse_benchmark_smoke(tmp_path):
     assert "kept the finished run" in done.stdout  # the natural start, trained once
     runs = json.loads((tmp_path / "collapse-piecewise.json").read_text())["curves"]
     assert all(len(curve) == 5 for curve in runs.values())  # 10 steps logged every 2
+
+
+@pytest.mark.slow
+def test_engine_memory_benchmark_smoke(tmp_path):
+    """benchmarks/engine_memory.py --quick on 2 processes: each engine's and method's peak, where a
+    process under FSDP2 holds half of what it holds under DDP, and CURE a revision model more."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(REPO / "benchmarks" / "engine_memory.py"), "--quick", "--json", str(tmp_path / "memory.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2 / DDP peak: trades " in done.stdout
+    report = json.loads((tmp_path / "memory.json").read_text())
+    held = {engine: {name: report["results"][engine][name]["held_mib"] for name in ("trades", "cure")} for engine in ("ddp", "fsdp2")}
+    parameters = report["parameters_mib"]
+    assert held["ddp"]["trades"] == pytest.approx(2 * parameters, rel=0.01)  # weights and momentum
+    assert held["ddp"]["cure"] == pytest.approx(3 * parameters, rel=0.01)  # and the revision model
+    for name in ("trades", "cure"):
+        assert held["fsdp2"][name] == pytest.approx(held["ddp"][name] / 2, rel=0.02)  # a shard each (rows padded)
+        assert report["results"]["fsdp2"][name]["step_mib"] > 0

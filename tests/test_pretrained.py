@@ -3,6 +3,7 @@ loopback Hub: the weights arrive whole but for the new head, the normalisation i
 checkpoint's, the images are resized to the size it was pretrained at (or --image-size, with
 timm's resampling), and the export names its base model."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from cure_hub.config import TrainConfig
 from cure_hub.models import load_robust_model
 from cure_hub.methods.cure import SHARDING_ENGINES
 from cure_hub.preflight import check_engine_supports
@@ -79,11 +81,16 @@ def test_export_names_its_base_model_and_loads_in_every_library(trained, name):
         torch.testing.assert_close(logits[library], expected, rtol=1e-4, atol=1e-5, msg=library)
 
 
-def test_cure_refuses_engines_that_shard_tensors():
-    from accelerate.utils import DistributedType
-
+def test_cure_refuses_engines_that_shard_tensors_otherwise_than_fsdp2():
+    config = {"model": {"model": "cifar_resnet18"}, "data": {"dataset": "digits"}}
+    cure, trades = (TrainConfig.from_dict({**config, "method": {"method": name}}) for name in ("cure", "trades"))
     for engine in SHARDING_ENGINES:
-        with pytest.raises(ValueError, match=f"CURE needs data-parallel training \\(DDP\\): under {engine}"):
-            check_engine_supports("cure", DistributedType[engine])
-        check_engine_supports("trades", DistributedType[engine])  # whole-tensor masks are CURE's alone
-    check_engine_supports("cure", DistributedType.MULTI_GPU)
+        with pytest.raises(ValueError, match=f"CURE cannot train under {engine}: .* Shard with FSDP2 "):
+            check_engine_supports(cure, engine)
+        check_engine_supports(trades, engine)  # whole-tensor masks are CURE's alone
+    for engine in ("MULTI_GPU", "MULTI_CPU", "NO", "FSDP2"):
+        check_engine_supports(cure, engine)
+    accumulating = dataclasses.replace(cure, optim=dataclasses.replace(cure.optim, gradient_accumulation_steps=2))
+    with pytest.raises(ValueError, match="CURE under FSDP2 takes one micro-batch per step, got --gradient-accumulation-steps 2"):
+        check_engine_supports(accumulating, "FSDP2")
+    check_engine_supports(accumulating, "MULTI_GPU")

@@ -48,14 +48,20 @@ def metrics(run_dir: Path, name="metrics.jsonl") -> list[dict]:
     return [{k: v for k, v in r.items() if k != "images_per_second"} for r in records]
 
 
-def assert_same_run(run_dir: Path, reference: Path) -> None:
+def assert_same_run(run_dir: Path, reference: Path, layer_statistics_rel: float = 0.0) -> None:
+    """Bitwise the same weights, metrics and steps; the layer statistics equal, or to a relative
+    ``layer_statistics_rel`` (an FSDP2 run sums them over shards, in another order than DDP's)."""
     for name in ("start", "last", "best", "revision"):
         a, b = load_file(run_dir / "weights" / f"{name}.safetensors"), load_file(reference / "weights" / f"{name}.safetensors")
         assert a.keys() == b.keys()
         different = [key for key in a if not torch.equal(a[key], b[key])]
         assert not different, f"{name} weights differ from the uninterrupted run's in {different[:5]}"
     assert metrics(run_dir) == metrics(reference)
-    assert metrics(run_dir, "layer_statistics.jsonl") == metrics(reference, "layer_statistics.jsonl")
+    statistics = [[(record["step"], layer, name, value) for record in metrics(folder, "layer_statistics.jsonl")
+                   for layer, values in record["layers"].items() for name, value in values.items()]
+                  for folder in (run_dir, reference)]
+    assert [entry[:3] for entry in statistics[0]] == [entry[:3] for entry in statistics[1]]
+    assert [entry[3] for entry in statistics[0]] == pytest.approx([entry[3] for entry in statistics[1]], rel=layer_statistics_rel, abs=0)
     steps = [json.loads((folder / "summary.json").read_text())["steps"] for folder in (run_dir, reference)]
     assert steps[0] == steps[1]
     assert (run_dir / "export" / "model.safetensors").is_file()
@@ -131,6 +137,25 @@ def test_the_divergence_message_names_a_checkpoint_whose_weights_are_finite(tmp_
             torch.save({}, folder / name)
     message = Checkpointer(Accelerator(cpu=True), tmp_path / "checkpoints", keep=2).divergence_message("the loss is", 7, 0.1)
     assert f"the newest checkpoint with finite weights is {tmp_path / 'checkpoints' / 'step_0000003'}." in message
+
+
+def test_a_sharded_checkpoint_is_whole_only_with_each_part_s_metadata(tmp_path):
+    """An FSDP checkpoint holds torch.distributed.checkpoint folders whose .metadata is written
+    last: without it (a kill while the shards were written) the checkpoint is damaged."""
+    from cure_hub.checkpoints import checkpoint_damage, holds_finite_weights
+
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "__0_0.distcp").write_bytes(b"shard")
+    for name in ("random_states_0.pkl", "process_state_0.pt"):
+        torch.save({}, tmp_path / name)
+    assert checkpoint_damage(tmp_path, 0) == (
+        "it has no weights (model.safetensors or pytorch_model_fsdp_0.bin or pytorch_model_fsdp_0/.metadata) and no "
+        "optimiser state (optimizer.bin or optimizer_0.bin or optimizer_0/.metadata)")
+    (tmp_path / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"metadata")
+    assert checkpoint_damage(tmp_path, 0).startswith("it has no optimiser state (optimizer.bin or optimizer_0.bin")
+    (tmp_path / "optimizer_0" / ".metadata").write_bytes(b"metadata")
+    assert checkpoint_damage(tmp_path, 0) is None and holds_finite_weights(tmp_path)
 
 
 def test_channels_last_run_killed_resumes_bitwise_equal(tmp_path):

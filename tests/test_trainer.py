@@ -2,6 +2,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 import yaml
 
 from cure_hub.arguments import parse_train_config
+from cure_hub.checkpoints import checkpoint_damage
 from cure_hub.cli import main as cli_main
 from cure_hub.config import InputError, TrainConfig
 from cure_hub.method_registry import METHOD_CLASSES
@@ -20,6 +22,7 @@ from cure_hub.plots import write_plots
 from cure_hub.system import usable_cpu_cores
 from cure_hub.trainer import Trainer, lr_multiplier
 from helpers import free_port
+from test_resume import assert_same_run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -84,6 +87,31 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(single["model"].values(), single["revision"].values()))
 
 
+@pytest.mark.slow
+def test_a_cure_run_under_fsdp2_is_the_ddp_run_and_resumes_exactly(tmp_path):
+    """The trainer under Accelerate's FSDP2 plugin (tests/distributed_fsdp_train.py says how it is
+    selected on a CPU): its weights (start, best, last, revision) and metrics are bitwise the same run's
+    under DDP (its layer statistics, sums over shards, to rounding), and resumed from its sharded checkpoint of step 2 it ends where it ended."""
+    script = str(REPO / "tests" / "distributed_fsdp_train.py")
+
+    def torchrun(*args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+        result = subprocess.run([*command, script, *args], env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun("ddp", str(tmp_path / "ddp"))
+    torchrun("fsdp2", str(tmp_path / "fsdp2"))
+    policies = json.loads((tmp_path / "fsdp2" / "fsdp2_policies.json").read_text())
+    assert set(policies) == {"FSDPRobustClassifier", "FSDPBlock"}  # the root and each transformer block
+    assert all("param_dtype=torch.float32, reduce_dtype=torch.float32" in policy for policy in policies.values())
+    checkpoint = tmp_path / "fsdp2" / "checkpoints" / "step_0000002"
+    assert (checkpoint / "pytorch_model_fsdp_0" / "__1_0.distcp").is_file() and checkpoint_damage(checkpoint, 1) is None
+    assert_same_run(tmp_path / "fsdp2", tmp_path / "ddp", layer_statistics_rel=1e-5)
+    shutil.copytree(tmp_path / "fsdp2", tmp_path / "straight")
+    torchrun("fsdp2", "--resume-from", str(checkpoint))
+    assert_same_run(tmp_path / "fsdp2", tmp_path / "straight")
+
+
 def test_warmup_epochs_train_naturally_then_switch(tmp_path):
     config = tiny_config(tmp_path / "run", optim={"max_steps": None, "epochs": 2, "warmup_epochs": 1, "batch_size": 256})
     summary = Trainer(config).train()
@@ -133,6 +161,33 @@ def test_cure_trains_in_fp16_on_cuda_through_the_loss_scaler(tmp_path):
     statistics = [json.loads(line) for line in (tmp_path / "run" / "layer_statistics.jsonl").read_text().splitlines()]
     conv = statistics[-1]["layers"]["backbone.layer1.0.conv1.weight"]
     assert 0 < conv["updated_share"] <= 101 / 144 + 1e-6  # 43 of 144 conserved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_accelerate_launch_with_fsdp2_trains_cure_on_cuda(tmp_path):
+    """The real launcher's FSDP2 plugin on one GPU (Accelerate selects FSDP on GPUs only): CURE trains,
+    its checkpoints are sharded, its weights are gathered whole into the export, the plugin's bf16
+    policy is replaced by float32 gathers, and it starts as the same run without FSDP does."""
+    def launch(name, *engine):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                   "--mixed_precision", "bf16", "--dynamo_backend", "no", *engine, str(REPO / "cure_hub" / "train.py"),
+                   "--model", "vit_tiny", "--model-kwargs", "depth=2", "embed_dim=32", "num_heads=2", "--from-scratch",
+                   "--dataset", "digits", "--train-subset", "64", "--eval-subset", "16", "--batch-size", "8",
+                   "--max-steps", "4", "--steps", "1", "--eval-attack-steps", "1", "--checkpoint-every-steps", "2",
+                   "--log-every-steps", "1", "--output-dir", str(tmp_path / name)]
+        result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "false"}, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    log = launch("fsdp2", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                 "--fsdp_transformer_layer_cls_to_wrap", "Block", "--fsdp_state_dict_type", "SHARDED_STATE_DICT")
+    launch("unsharded")
+    assert "FSDP2: weights gathered and gradients reduced in float32" in log
+    assert (tmp_path / "fsdp2" / "checkpoints" / "step_0000004" / "pytorch_model_fsdp_0" / ".metadata").is_file()
+    exported = load_robust_model(tmp_path / "fsdp2" / "export")
+    assert all(torch.isfinite(p).all() for p in exported.parameters())
+    first = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("fsdp2", "unsharded")]
+    assert first[0]["train/loss"] == pytest.approx(first[1]["train/loss"], rel=1e-2)
 
 
 _HEAP_SCRIPT = """

@@ -97,9 +97,10 @@ class Method:
         train well from, before any data is loaded."""
 
     @classmethod
-    def check_engine(cls, distributed_type) -> None:
-        """Refuse an Accelerate engine (``accelerator.distributed_type``) under which the method
-        would silently train something else."""
+    def check_engine(cls, engine: str, config: TrainConfig) -> None:
+        """Refuse an engine (:func:`cure_hub.sharding.engine_name`: ``MULTI_GPU``, ``FSDP2``,
+        ``DEEPSPEED``, ...), or a setting under it, with which the method would silently train
+        something else."""
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model the method cannot train, before the first step (it may come after a warm-up)."""

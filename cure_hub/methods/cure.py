@@ -43,8 +43,8 @@ from .rgp import (ADVERSARIAL, NATURAL, ProminenceScores, all_reduce_sum, is_sha
 
 logger = logging.getLogger(__name__)
 
-#: Accelerate's engines that shard parameters or gradients over the processes, or take the
-#: optimiser step themselves.
+#: Accelerate's engines that split tensors in ways CURE's exact masks cannot follow ("FSDP" is FSDP1;
+#: FSDP2 is supported, cure_hub.sharding.engine_name).
 SHARDING_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 #: The revision model's share of the start at the last step from which a run is warned about.
 START_SHARE_WARNED = 0.5
@@ -149,16 +149,25 @@ class CURE(Method):
                            "natural model), --pretrained, or --warmup-epochs N (CURE-Eff), or --from-scratch to say so.")
 
     @classmethod
-    def check_engine(cls, distributed_type) -> None:
-        """CURE needs every process to hold whole weight and gradient tensors between backward and the
-        optimiser step (DDP): its masks are percentiles over whole tensors, and its revision model is
-        a copy of whole weights. Under FSDP, DeepSpeed or Megatron-LM a process holds shards, so the
-        masks would silently differ from the method's: refuse, rather than train something else."""
-        if distributed_type.name in SHARDING_ENGINES:
+    def check_engine(cls, engine: str, config: TrainConfig) -> None:
+        """CURE's masks are percentiles over whole tensors and its revision model a copy of the whole
+        model. Under DDP every process holds whole tensors; under FSDP2 each holds row shards, and the
+        masks are selected across them (:func:`~cure_hub.methods.rgp.sharded_prominence_masks`).
+        FSDP1's flat parameters, DeepSpeed's and Megatron-LM's partitions have no such selection: the
+        masks would silently differ from the method's, so they are refused rather than trained. Under
+        FSDP2 micro-batches are not reduce-scattered until the last one, so the prominence scores
+        cannot be folded per micro-batch: gradient accumulation is refused there (measured: a run
+        of 2 micro-batches a step left DDP's by up to 4e-2 in the weights in 4 steps)."""
+        if engine in SHARDING_ENGINES:
             raise InputError(
-                f"CURE needs data-parallel training (DDP): under {distributed_type.name} each process holds shards of the "
-                "weights and gradients, and CURE's masks are percentiles over whole tensors. Launch without "
-                "FSDP/DeepSpeed (accelerate config: distributed type MULTI_GPU), or train another --method"
+                f"CURE cannot train under {engine}: its masks are percentiles over whole tensors, which {engine} "
+                "splits without a way to select them exactly. Shard with FSDP2 (accelerate launch --use_fsdp "
+                "--fsdp_version 2), or train data-parallel (DDP: accelerate config, distributed type MULTI_GPU)"
+            )
+        if engine == "FSDP2" and config.optim.gradient_accumulation_steps > 1:
+            raise InputError(
+                f"CURE under FSDP2 takes one micro-batch per step, got --gradient-accumulation-steps "
+                f"{config.optim.gradient_accumulation_steps}: raise --batch-size or the processes instead, or train under DDP"
             )
 
     def check_model(self, model: nn.Module) -> None:
