@@ -41,6 +41,8 @@ ENGINES, METHODS = ("ddp", "fsdp2"), ("trades", "cure")
 def build(args) -> torch.nn.Module:
     torch.manual_seed(0)  # the same weights on every process
     kwargs = {"width": args.width} if args.model.startswith("cifar_resnet") else {}
+    if args.depth:
+        kwargs["depth"] = args.depth
     return cure_hub.create_model(args.model, num_classes=10, image_size=args.image_size, **kwargs).to(args.device)
 
 
@@ -119,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--width", type=int, default=64, help="Channel width of the CIFAR ResNets.")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--depth", type=int, default=0, help="Blocks of a ViT (0: the architecture's own).")
     parser.add_argument("--batch-size", type=int, default=2, help="Examples per process.")
     parser.add_argument("--attack-steps", type=int, default=2)
     parser.add_argument("--blocks", default="Block,BasicBlock,Bottleneck,PreActBlock",
@@ -127,11 +130,11 @@ def main(argv=None) -> int:
                         help="Measured steps (the largest peak is reported: FSDP2's overlap of communication varies it).")
     parser.add_argument("--device", default="cpu", help="cpu (gloo), or cuda: one GPU per process (nccl).")
     parser.add_argument("--bf16", action="store_true", help="Train under bf16 autocast, as --mixed-precision bf16 does.")
-    parser.add_argument("--quick", action="store_true", help="A tiny ViT at 32 px, one measured step: seconds on 2 cores.")
+    parser.add_argument("--quick", action="store_true", help="A two-block ViT-Ti at 32 px, one measured step: seconds on 2 cores.")
     parser.add_argument("--json", help="Also write the results (process 0's) to this file.")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.image_size, args.attack_steps, args.repeats = "vit_tiny_patch16_224", 32, 1, 1
+        args.model, args.image_size, args.depth, args.attack_steps, args.repeats = "vit_tiny_patch16_224", 32, 2, 1, 1
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         args.device = f"cuda:{torch.cuda.current_device()}"

@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .methods.base import Method
 from .methods.rgp import is_sharded, local
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,11 @@ def engine_name(accelerator: Accelerator) -> str:
     return FSDP2 if accelerator.is_fsdp2 else accelerator.distributed_type.name
 
 
-def configure_engine(accelerator: Accelerator) -> None:
-    """Under FSDP2, gather weights and reduce gradients in float32 (this module's docstring says why);
-    autocast chooses the precision of the computation, as it does under DDP. Warns when FSDP was
-    asked for and Accelerate did not select it (on a CPU it never does)."""
+def configure_engine(accelerator: Accelerator, method: Method, build: Callable[[], nn.Module]) -> None:
+    """Under FSDP2, gather weights and reduce gradients in float32 (this module's docstring says why;
+    autocast chooses the precision of the computation, as it does under DDP), and give ``method``
+    its :attr:`~cure_hub.methods.base.Method.sharded_copy` of what ``build`` makes. Warns when FSDP
+    was asked for and Accelerate did not select it (on a CPU it never does)."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type.name != "FSDP":
         logger.warning("FSDP was asked for (--use_fsdp), but Accelerate selects it on GPUs only: this run trains "
                        "under %s, each process holding the whole model", accelerator.distributed_type.name)
@@ -56,6 +58,7 @@ def configure_engine(accelerator: Accelerator) -> None:
                                                                                reduce_dtype=torch.float32)
     logger.info("FSDP2: weights gathered and gradients reduced in float32; mixed precision (%s) only in autocast's "
                 "operations, as under DDP", accelerator.mixed_precision)
+    method.sharded_copy = sharded_copy_maker(accelerator, build)
 
 
 def sharded_copy_maker(accelerator: Accelerator, build: Callable[[], nn.Module]) -> Callable[[nn.Module], nn.Module]:

@@ -48,7 +48,7 @@ from .preflight import (
     warn_about_run,
 )
 from .run_folder import LAYER_STATISTICS, METRICS, RunFolder
-from .sharding import configure_engine, full_state_dict, sharded_copy_maker
+from .sharding import configure_engine, full_state_dict
 from .streaming import StreamedEpochs, load_streamed_data
 from .system import describe_hardware, git_commit, keep_freed_heap_memory
 
@@ -143,6 +143,16 @@ def build_model(config: TrainConfig, num_classes: int, image_size: int, label_na
     return model
 
 
+def set_up_model(config: TrainConfig, accelerator: Accelerator, model: RobustClassifier, method: Method, architecture) -> None:
+    """The model's memory layout, compilation and engine (:func:`cure_hub.sharding.configure_engine`:
+    ``architecture`` builds the model's architecture again, for a method's sharded copy)."""
+    if config.optim.channels_last:
+        model.to_channels_last()
+    if config.optim.compile:
+        compile_for_training(model, method)
+    configure_engine(accelerator, method, architecture)
+
+
 class Trainer:
     """Trains ``config.model`` on ``config.data`` with ``config.method`` under Accelerate."""
 
@@ -187,14 +197,8 @@ class Trainer:
         self.natural = build_natural_method(config.attack)
         self.method = build_method(config.method, config.attack)
         check_model(config, accelerator, model, self.method)
-        if config.optim.channels_last:
-            model.to_channels_last()
-        if config.optim.compile:
-            compile_for_training(model, self.method)
-        configure_engine(accelerator)
-        if accelerator.is_fsdp2:  # the revision model's architecture, built again (its weights are copied in)
-            self.method.sharded_copy = sharded_copy_maker(
-                accelerator, lambda: build_model(config, data.num_classes, data.image_size, data.class_names))
+        set_up_model(config, accelerator, model, self.method,
+                     architecture=lambda: build_model(config, data.num_classes, data.image_size, data.class_names))
         self.augmentation, self.eval_split = augmentation_for(config.data.augment, data.image_size), data.eval_split
         eval_loader = DataLoader(data.eval, batch_size=config.optim.batch_size, collate_fn=collate, num_workers=config.run.num_workers)
         optimizer = build_optimizer(model, config.optim)
@@ -514,8 +518,7 @@ class Trainer:
         return fired
 
     def _save_weights(self, model: RobustClassifier, name: str, metadata: dict | None = None):
-        """``weights/<name>.safetensors``; every process calls it (sharded weights are gathered)."""
-        weights = full_state_dict(model.backbone, keep=self.accelerator.is_main_process)
+        weights = full_state_dict(model.backbone, keep=self.accelerator.is_main_process)  # every process: it gathers
         if self.accelerator.is_main_process:
             self.run_folder.save_weights(name, weights, metadata)
 

@@ -111,6 +111,21 @@ def test_packaged_digits_are_grey_converted_to_rgb():
     assert image.shape == (3, 8, 8) and torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
 
 
+def test_digits_are_scikit_learns_without_importing_it(tmp_path):
+    """The packaged digits are read from scikit-learn's file as load_digits reads them, in a
+    process that never imports scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    code = ("import sys, numpy as np; from cure_hub.data import _sklearn_digits; images, labels = _sklearn_digits(); "
+            "assert 'sklearn' not in sys.modules; np.save(sys.argv[1], images); np.save(sys.argv[2], labels)")
+    done = subprocess.run([sys.executable, "-c", code, "images.npy", "labels.npy"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    digits = load_digits()
+    assert np.array_equal(np.load(tmp_path / "images.npy"), digits.images)
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), digits.target)
+
+
 def test_unreachable_hub_dataset_says_how_to_use_a_local_copy():
     code = (
         "from cure_hub.data import load_dataset_dict, DatasetUnavailableError\n"

@@ -70,13 +70,23 @@ def test_accelerate_launch_trains_vit_small_on_cifar10(method, cifar10_dir, tmp_
 
 
 @pytest.mark.slow
-def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
+def test_two_processes_agree_with_one_and_fsdp2_gives_the_ddp_run_and_resumes_exactly(tmp_path):
+    """tests/distributed_cure.py: under DDP the two processes hold the same weights, revision weights
+    and draws, those of one process with the whole batch (to rounding). Under Accelerate's FSDP2
+    plugin (the script says how it is selected on a CPU) the run's weights (start, best, last,
+    revision) and metrics are bitwise the DDP run's (its layer statistics, sums over shards, to
+    rounding), every sharded module gathers and reduces in float32, and resumed from its sharded
+    checkpoint of step 2 it ends bitwise where it ended."""
     script = str(REPO / "tests" / "distributed_cure.py")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    two = subprocess.run([*torchrun, script, str(tmp_path / "two"), "8"], env=ENV, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), "16"], env=ENV, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+
+    def launch(*args, processes=2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(free_port()), script, *args]
+        result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch("single", str(tmp_path / "one"), processes=1)
+    launch("ddp", str(tmp_path / "two"))
     rank0, rank1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
     single = torch.load(tmp_path / "one" / "rank0.pt")
     for part in ("model", "revision"):
@@ -86,30 +96,17 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     assert torch.equal(rank0["revisions_made"], single["revisions_made"])
     assert not all(torch.equal(a, b) for a, b in zip(single["model"].values(), single["revision"].values()))
 
-
-@pytest.mark.slow
-def test_a_cure_run_under_fsdp2_is_the_ddp_run_and_resumes_exactly(tmp_path):
-    """The trainer under Accelerate's FSDP2 plugin (tests/distributed_fsdp_train.py says how it is
-    selected on a CPU): its weights (start, best, last, revision) and metrics are bitwise the same run's
-    under DDP (its layer statistics, sums over shards, to rounding), and resumed from its sharded checkpoint of step 2 it ends where it ended."""
-    script = str(REPO / "tests" / "distributed_fsdp_train.py")
-
-    def torchrun(*args):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-        result = subprocess.run([*command, script, *args], env=ENV, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    torchrun("ddp", str(tmp_path / "ddp"))
-    torchrun("fsdp2", str(tmp_path / "fsdp2"))
+    launch("fsdp2", str(tmp_path / "fsdp2"))
     policies = json.loads((tmp_path / "fsdp2" / "fsdp2_policies.json").read_text())
     assert set(policies) == {"FSDPRobustClassifier", "FSDPBlock"}  # the root and each transformer block
     assert all("param_dtype=torch.float32, reduce_dtype=torch.float32" in policy for policy in policies.values())
-    checkpoint = tmp_path / "fsdp2" / "checkpoints" / "step_0000002"
+    run = tmp_path / "fsdp2" / "run"
+    checkpoint = run / "checkpoints" / "step_0000002"
     assert (checkpoint / "pytorch_model_fsdp_0" / "__1_0.distcp").is_file() and checkpoint_damage(checkpoint, 1) is None
-    assert_same_run(tmp_path / "fsdp2", tmp_path / "ddp", layer_statistics_rel=1e-5)
-    shutil.copytree(tmp_path / "fsdp2", tmp_path / "straight")
-    torchrun("fsdp2", "--resume-from", str(checkpoint))
-    assert_same_run(tmp_path / "fsdp2", tmp_path / "straight")
+    assert_same_run(run, tmp_path / "two" / "run", layer_statistics_rel=1e-5)
+    shutil.copytree(run, tmp_path / "straight")
+    launch("fsdp2", "--resume-from", str(checkpoint))
+    assert_same_run(run, tmp_path / "straight")
 
 
 def test_warmup_epochs_train_naturally_then_switch(tmp_path):
