@@ -45,10 +45,11 @@ def tiny_config(output_dir, **sections) -> TrainConfig:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["cure", "trades"])
 def test_accelerate_launch_trains_vit_small_on_cifar10(method, cifar10_dir, tmp_path):
-    # The headline command in full for CURE (from random weights: no network here), and TRADES on a
-    # two-block ViT-S. The launch path does not depend on the method (methods are objects behind one
-    # interface; every one trains in test_methods.py, pgd_at and standard also through the trainer).
-    narrow = ["--from-scratch"] if method == "cure" else ["--model-kwargs", "depth=2"]
+    # The headline command for CURE (from random weights: no network here) and TRADES, on a two-block
+    # ViT-S (the launch path does not depend on the depth, nor on the method: methods are objects
+    # behind one interface; every one trains in test_methods.py, pgd_at and standard also through
+    # the trainer).
+    narrow = ["--model-kwargs", "depth=2", *(["--from-scratch"] if method == "cure" else [])]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "cure_hub" / "train.py"),
@@ -65,7 +66,7 @@ def test_accelerate_launch_trains_vit_small_on_cifar10(method, cifar10_dir, tmp_
     assert yaml.safe_load((run / "config.yaml").read_text())["method"]["method"] == method
     assert (run / "weights/revision.safetensors").is_file() == (method == "cure")
     spec = json.loads((run / "model_spec.json").read_text())
-    assert spec["model_args"] == {"patch_size": 4, "img_size": 32, **({} if method == "cure" else {"depth": 2})}
+    assert spec["model_args"] == {"patch_size": 4, "img_size": 32, "depth": 2}
     assert spec["label_names"][0] == "airplane"
 
 
