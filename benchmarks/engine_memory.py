@@ -31,9 +31,10 @@ import cure_hub
 from cure_hub.config import AttackConfig, MethodConfig
 from cure_hub.methods import build_method
 from cure_hub.methods.rgp import local
+from cure_hub.sharding import float32_gathers
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_cost import train_step  # noqa: E402  (the benchmarks' one training step)
+from step_cost import allocated_peak, train_step  # noqa: E402  (the benchmarks' one training step and CPU peak)
 
 ENGINES, METHODS = ("ddp", "fsdp2"), ("trades", "cure")
 
@@ -48,9 +49,9 @@ def build(args) -> torch.nn.Module:
 
 def shard(model: torch.nn.Module, blocks: set[str]) -> torch.nn.Module:
     """FSDP2 as Accelerate's transformer-based plan applies it: each block, then the root."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    policy = float32_gathers()
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
             fully_shard(module, mp_policy=policy)
@@ -80,14 +81,7 @@ def step_rise(args, step) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
-        step()
-    live = peak = 0
-    allocations = (event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]")
-    for event in sorted(allocations, key=lambda event: event.start_ns()):
-        live += event.nbytes()  # negative for a free
-        peak = max(peak, live)
-    return peak
+    return allocated_peak(step)
 
 
 def measure(args, engine: str, method_name: str) -> dict:

@@ -121,14 +121,20 @@ def measure_allocated(args, setup, step: int) -> float:
     ``max_memory_allocated``, blind to how the heap lays the blocks out in pages)."""
     model, method, optimizer = setup
     images, labels = batch(args)
+    return allocated_peak(lambda: train_step(model, method, optimizer, images, labels, step, args.bf16)) / 2**20
+
+
+def allocated_peak(run) -> int:
+    """The peak of the tensor memory ``run()`` allocates on a CPU over what it starts with, in bytes,
+    from the profiler's record of every allocation and free."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
-        train_step(model, method, optimizer, images, labels, step, args.bf16)
+        run()
     live = peak = 0
     allocations = (event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]")
     for event in sorted(allocations, key=lambda event: event.start_ns()):
         live += event.nbytes()  # negative for a free
         peak = max(peak, live)
-    return peak / 2**20
+    return peak
 
 
 def cure_breakdown(args, setup) -> dict[str, float]:

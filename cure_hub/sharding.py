@@ -42,6 +42,14 @@ def engine_name(accelerator: Accelerator) -> str:
     return FSDP2 if accelerator.is_fsdp2 else accelerator.distributed_type.name
 
 
+def float32_gathers():
+    """FSDP2's mixed-precision policy under which weights are gathered and gradients reduced in
+    float32 (this module's docstring says why)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # imported when a model is sharded, not at start
+
+    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+
+
 def configure_engine(accelerator: Accelerator, method: Method, build: Callable[[], nn.Module]) -> None:
     """Under FSDP2, gather weights and reduce gradients in float32 (this module's docstring says why;
     autocast chooses the precision of the computation, as it does under DDP), and give ``method``
@@ -52,10 +60,7 @@ def configure_engine(accelerator: Accelerator, method: Method, build: Callable[[
                        "under %s, each process holding the whole model", accelerator.distributed_type.name)
     if not accelerator.is_fsdp2:
         return
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.float32,
-                                                                               reduce_dtype=torch.float32)
+    accelerator.state.fsdp_plugin.mixed_precision_policy = float32_gathers()
     logger.info("FSDP2: weights gathered and gradients reduced in float32; mixed precision (%s) only in autocast's "
                 "operations, as under DDP", accelerator.mixed_precision)
     method.sharded_copy = sharded_copy_maker(accelerator, build)

@@ -15,6 +15,7 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -143,7 +144,8 @@ def build_model(config: TrainConfig, num_classes: int, image_size: int, label_na
     return model
 
 
-def set_up_model(config: TrainConfig, accelerator: Accelerator, model: RobustClassifier, method: Method, architecture) -> None:
+def set_up_model(config: TrainConfig, accelerator: Accelerator, model: RobustClassifier, method: Method,
+                 architecture: Callable[[], RobustClassifier]) -> None:
     """The model's memory layout, compilation and engine (:func:`cure_hub.sharding.configure_engine`:
     ``architecture`` builds the model's architecture again, for a method's sharded copy)."""
     if config.optim.channels_last:
